@@ -1,0 +1,64 @@
+"""The ``nethook`` command line: core subcommands plus those that plugins add.
+
+Each core subcommand lives in its own module under :mod:`nethook.commands` and
+exposes ``register(subparsers)``, which adds a parser whose ``func`` default takes
+the parsed arguments and returns an exit code. Plugins add subcommands through the
+``nethook_add_commands`` hook, the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+CORE_COMMANDS = ("layers", "plugins", "record", "info", "demo", "dissect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser with every core and plugin subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="nethook",
+        description="Look inside any PyTorch network and change it.",
+    )
+    from nethook import __version__
+
+    parser.add_argument("--version", action="version", version=f"nethook {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in CORE_COMMANDS:
+        try:
+            module = importlib.import_module(f"nethook.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"nethook.commands.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    _add_plugin_commands(sub)
+    return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    """Let installed plugins add their subcommands; a broken plugin never breaks the CLI."""
+    try:
+        from nethook.plugins import get_plugin_manager
+    except ModuleNotFoundError:
+        return
+    get_plugin_manager().hook.nethook_add_commands(subparsers=sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``nethook`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; everything written so far is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The one protocol every statistic follows, and the registry that rebuilds them.
+
+A stat is a small object with ``update(x)``, ``merge(other)``, ``state_dict()``,
+``load_state_dict(sd)`` and ``to(device)``. ``state_dict()`` returns plain data only:
+a dict whose leaves are numpy arrays or Python scalars/strings, nested dicts allowed,
+always with the keys ``"class"`` (the registered class name) and ``"version"`` (the
+format version). No pickle is ever needed to save or load one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+_REGISTRY: dict[str, type[Stat]] = {}
+
+
+class Stat:
+    """Base class of all streaming statistics.
+
+    Subclasses are registered by class name when defined, so
+    :func:`from_state_dict` can rebuild any of them. Set ``version`` to the format
+    version of ``state_dict()``; loading a state of a newer version is refused.
+    """
+
+    version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.__name__] = cls
+
+    def update(self, x: torch.Tensor, *args, **kwargs) -> None:
+        """Add a batch of data (``[N, C]`` unless the stat says otherwise)."""
+        raise NotImplementedError
+
+    def merge(self, other: Stat) -> None:
+        """Fold ``other`` (same kind and shape) into this stat, in place."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the plain-data state (see module docstring)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore the state produced by :meth:`state_dict`."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> Stat:
+        """Move internal tensors to ``device``; return ``self``."""
+        raise NotImplementedError
+
+    def _header(self) -> dict[str, Any]:
+        return {"class": type(self).__name__, "version": type(self).version}
+
+    def _check_merge(self, other: Stat) -> None:
+        if type(other) is not type(self):
+            raise TypeError(
+                f"cannot merge {type(other).__name__} into {type(self).__name__}: "
+                "stats must be of the same kind"
+            )
+
+    def _check_header(self, sd: dict[str, Any]) -> None:
+        check_header(sd, type(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def check_header(sd: dict[str, Any], cls: type[Stat]) -> None:
+    """Raise unless ``sd`` is a state of ``cls`` with a version this code can read."""
+    name = sd.get("class")
+    if name != cls.__name__:
+        raise ValueError(f"state_dict is of class {name!r}, expected {cls.__name__!r}")
+    version = int(np.asarray(sd.get("version", 0)))
+    if version > cls.version:
+        raise ValueError(
+            f"state_dict of {cls.__name__} has format version {version}, newer than "
+            f"version {cls.version} that this nethook reads; upgrade nethook"
+        )
+
+
+def stat_class(name: str) -> type[Stat]:
+    """Return the registered stat class called ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown stat class {name!r}; known: {known}") from None
+
+
+def from_state_dict(sd: dict[str, Any]) -> Stat:
+    """Rebuild any registered stat from its ``state_dict()``."""
+    if "class" not in sd:
+        raise ValueError("state_dict has no 'class' entry; not a nethook stat state")
+    cls = stat_class(str(np.asarray(sd["class"])))
+    check_header({**sd, "class": str(np.asarray(sd["class"]))}, cls)
+    stat = cls.__new__(cls)
+    stat.load_state_dict(sd)
+    return stat
+
+
+def flatten(x: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
+    """Reshape activations to ``[samples, channels]``.
+
+    ``[N, C]`` is returned as is; ``[B, T, C]`` (tokens, channels last) becomes
+    ``[B*T, C]``; ``[B, C, *spatial]`` (rank 4 or more, channels at dim 1) becomes
+    ``[B*H*W..., C]``. Pass ``channel_dim`` to override the convention (e.g. ``1`` for
+    a ``[B, C, L]`` conv1d output).
+    """
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim < 2:
+        raise ValueError(f"expected activations of rank >= 2, got shape {tuple(x.shape)}")
+    if channel_dim is None:
+        channel_dim = 1 if x.ndim >= 4 else x.ndim - 1
+    channel_dim = channel_dim % x.ndim
+    if channel_dim != x.ndim - 1:
+        x = x.movedim(channel_dim, -1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def check_batch(x: torch.Tensor, channels: int | None, name: str) -> torch.Tensor:
+    """Validate a ``[N, C]`` batch for stat ``name``; return it as a tensor."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name}.update expects a [N, C] batch (use nethook.stats.flatten), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} has {channels} channels, got a batch with {x.shape[1]}")
+    return x
+
+
+def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Return a CPU numpy copy of a tensor (for ``state_dict``)."""
+    if isinstance(t, torch.Tensor):
+        return t.detach().cpu().numpy().copy()
+    return np.array(t, copy=True)
