@@ -39,11 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_plugin_commands(sub) -> None:
     """Let installed plugins add their subcommands; a broken plugin never breaks the CLI."""
-    try:
-        from nethook.plugins import get_plugin_manager
-    except ModuleNotFoundError:
-        return
-    get_plugin_manager().hook.nethook_add_commands(subparsers=sub)
+    from nethook.plugins import get_plugin_manager
+
+    get_plugin_manager().add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
