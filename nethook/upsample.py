@@ -56,8 +56,12 @@ def module_geometry(module: nn.Module) -> Geometry | None:
 
     Convolutions and max/avg pooling map output cell ``i`` to input position
     ``stride * i - padding + dilation * (kernel - 1) / 2``; pointwise modules
-    (activations, batch norm, dropout) keep it.
+    (activations, batch norm, dropout) keep it. A custom module may declare its own
+    by a ``nethook_geometry`` attribute (a :class:`Geometry`).
     """
+    declared = getattr(module, "nethook_geometry", None)
+    if isinstance(declared, Geometry):
+        return declared
     if isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
         k = _pair(module.kernel_size)
         s = _pair(module.stride if module.stride is not None else module.kernel_size)

@@ -1,0 +1,82 @@
+"""A small scene-classification CNN, the model ``nethook demo`` dissects.
+
+Four conv blocks (conv 3 x 3, batch norm, ReLU), max pooling between them, global
+average pooling and a linear classifier over the ``scenes`` plugin's scene classes.
+It is one ``nn.Sequential`` of named modules, so its layers are ``block1`` ...
+``block4`` and their receptive-field geometry is known exactly
+(:func:`nethook.upsample.infer_geometry`). It takes images in ``[0, 1]`` and
+normalizes them itself.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nethook.upsample import IDENTITY
+
+WEIGHTS = Path(__file__).with_name("scene_cnn.safetensors")
+SCENES = ("street", "farm", "beach", "forest", "park", "kitchen")
+WIDTHS = (32, 64, 96, 128)
+INPUT_SIZE = 64
+
+
+class Normalize(nn.Module):
+    """Subtract a per-channel mean and divide by a std (fixed buffers)."""
+
+    nethook_geometry = IDENTITY
+
+    def __init__(self, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [0, 1] -> normalized."""
+        return (x - self.mean) / self.std
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            bn=nn.BatchNorm2d(c_out),
+            relu=nn.ReLU(inplace=False),
+        )
+    )
+
+
+def build(num_classes: int = len(SCENES), widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
+    """The untrained architecture (the training script and the factory share it)."""
+    layers: OrderedDict[str, nn.Module] = OrderedDict(normalize=Normalize())
+    c_in = 3
+    for i, width in enumerate(widths, start=1):
+        layers[f"block{i}"] = _block(c_in, width)
+        if i < len(widths):
+            layers[f"pool{i}"] = nn.MaxPool2d(2)
+        c_in = width
+    layers["gap"] = nn.AdaptiveAvgPool2d(1)
+    layers["flatten"] = nn.Flatten()
+    layers["fc"] = nn.Linear(c_in, num_classes)
+    return nn.Sequential(layers)
+
+
+def scene_cnn(arg: str = "", weights: str | Path | None = None) -> nn.Sequential:
+    """The trained demo model in eval mode (``load_model("nethook.demo.scene_cnn:scene_cnn")``).
+
+    Loads ``weights`` (a safetensors file) or the shipped ``scene_cnn.safetensors``.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(weights) if weights else WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"demo weights {path} not found; train them with "
+            "`python -m nethook.demo.train_scene_cnn`"
+        )
+    model = build()
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
