@@ -1,0 +1,599 @@
+"""Intersection-over-union tallies between unit masks and concept labels (dissection).
+
+:class:`IoU` accumulates, over a stream of images, what Network Dissection needs to
+score every unit against every concept (``shared/METHODS.md`` §1):
+
+- ``intersection[u, c]``: pixels where unit ``u``'s binary mask is on and concept
+  ``c`` is labelled;
+- ``label_area[c]``: pixels labelled ``c``;
+- ``unit_area[u, k]``: pixels where unit ``u`` is on, summed only over images that
+  carry any label of category ``k`` (the category conditioning: images without any
+  label of a concept's category do not count towards that concept's union).
+
+Then ``IoU[u, c] = I / (unit_area[u, category(c)] + label_area[c] - I)``.
+
+Concept ids are global integers, ``0`` meaning "no label". The tally for one chunk
+of images is one batched GEMM per image, ``mask[U, P] @ onehot[P, c_i + 1]``, where
+the ``c_i`` columns are only the concepts present in that image (plus one column of
+ones that yields the unit's area): the ``[U, concepts, H, W]`` product is never
+formed, and the cost is ``U * P * (c_i + 1)`` multiply-adds, not ``U * P * concepts``.
+The GEMM runs in float32 on 0/1 operands, so every sum is an exact integer (each
+is at most the pixel count of one image, kept below 2**24; larger images switch
+to float64); tallies are int64.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+
+from nethook.stats.base import Stat, to_numpy
+
+_EXACT_FLOAT32 = 2**24
+TensorLike = torch.Tensor | np.ndarray
+
+
+class IoU(Stat):
+    """Category-conditioned IoU tallies of ``U`` units against global concept ids.
+
+    Args:
+        num_units: number of units ``U`` (channel count of the masks).
+        concept_category: either an int array indexed by concept id (length = number
+            of ids, entry 0 ignored) giving each concept's category index, with a
+            negative entry for ids that are not concepts; or a concepts table
+            (``pandas.DataFrame`` with columns ``id``, ``category`` and optionally
+            ``name``, as ``ConceptSource.concepts()`` returns).
+        categories: category names in category-index order. With a DataFrame this
+            fixes the order (default: order of first appearance); with an array it
+            names the indices (default ``"0"``, ``"1"``, ...).
+        concept_names: names indexed by concept id (taken from the DataFrame when
+            given one), used as a coordinate of the xarray results.
+        chunk_bytes: memory bound for the float mask block of one GEMM; batches of
+            any size are processed in chunks of images (and of pixels, when one
+            image alone exceeds it).
+
+    Tallies live on the stat's device (``to(device)``); each update computes on the
+    device of ``masks`` and adds its int64 tallies there.
+    """
+
+    version = 1
+
+    def __init__(
+        self,
+        num_units: int,
+        concept_category: TensorLike | Sequence[int] | pd.DataFrame,
+        *,
+        categories: Sequence[str] | None = None,
+        concept_names: Sequence[str] | None = None,
+        chunk_bytes: int = 64 << 20,
+    ) -> None:
+        if int(num_units) != num_units or num_units < 1:
+            raise ValueError(f"IoU num_units must be a positive int, got {num_units!r}")
+        if isinstance(concept_category, pd.DataFrame):
+            table, cats, names = _from_concepts_table(concept_category, categories)
+        else:
+            table, cats = _from_category_array(concept_category, categories)
+            names = None
+        if concept_names is not None:
+            names = [str(n) for n in concept_names]
+            if len(names) != len(table):
+                raise ValueError(
+                    f"IoU concept_names must have one name per concept id ({len(table)}), "
+                    f"got {len(names)}"
+                )
+        if chunk_bytes < 1:
+            raise ValueError(f"IoU chunk_bytes must be positive, got {chunk_bytes}")
+        self.num_units = int(num_units)
+        self.concept_category = table
+        self.categories = cats
+        self.concept_names = names
+        self.chunk_bytes = int(chunk_bytes)
+        self._device = torch.device("cpu")
+        self._zero_tallies()
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def num_concepts(self) -> int:
+        """Length of the concept-id axis (largest id + 1, including id 0 = none)."""
+        return len(self.concept_category)
+
+    @property
+    def num_categories(self) -> int:
+        """Number of categories ``K``."""
+        return len(self.categories)
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the tallies."""
+        return self._device
+
+    @property
+    def image_count(self) -> int:
+        """Images seen so far."""
+        return int(self._images)
+
+    def _zero_tallies(self) -> None:
+        u, c, k, dev = self.num_units, self.num_concepts, self.num_categories, self._device
+        self._intersection = torch.zeros(u, c, dtype=torch.int64, device=dev)
+        self._label_area = torch.zeros(c, dtype=torch.int64, device=dev)
+        self._unit_area = torch.zeros(u, k, dtype=torch.int64, device=dev)
+        self._unit_area_total = torch.zeros(u, dtype=torch.int64, device=dev)
+        self._category_images = torch.zeros(k, dtype=torch.int64, device=dev)
+        self._images = 0
+
+    # ------------------------------------------------------------------ update
+    def update(
+        self,
+        masks: TensorLike,
+        labels: TensorLike | Mapping[str, TensorLike] | Sequence[TensorLike],
+        image_labels: TensorLike | Mapping[str, TensorLike] | Sequence[TensorLike] | None = None,
+        thresholds: TensorLike | None = None,
+    ) -> None:
+        """Add a batch of images.
+
+        Args:
+            masks: ``[N, U, H, W]`` bool unit masks, or activations of any real dtype
+                when ``thresholds`` is given (mask = activation >= threshold).
+            labels: concept ids ``[N, H, W]`` or ``[N, L, H, W]`` (several labels per
+                pixel; 0 = none; a concept repeated at a pixel counts once). A mapping
+                or sequence of such tensors (one per category, as
+                ``ConceptSource.collate`` gives) is concatenated along ``L``.
+            image_labels: whole-image concept ids ``[N, K]`` (0-padded), each covering
+                every pixel of its image; a mapping or sequence is concatenated
+                along ``K``.
+            thresholds: per-unit thresholds ``[U]`` when ``masks`` are activations.
+        """
+        masks = _as_tensor(masks)
+        if masks.ndim != 4 or masks.shape[1] != self.num_units:
+            raise ValueError(
+                f"IoU.update expects masks [N, U, H, W] with U = {self.num_units}, "
+                f"got shape {tuple(masks.shape)}"
+            )
+        n, _, h, w = masks.shape
+        dev = masks.device
+        thr = self._check_thresholds(masks, thresholds)
+        lab = _gather_labels(labels, "labels", (n, h, w)).to(dev)
+        img = None
+        if image_labels is not None:
+            img = _gather_image_labels(image_labels, n).to(dev)
+        self._check_ids(lab, "labels")
+        if img is not None:
+            self._check_ids(img, "image_labels")
+        if n == 0:
+            return
+        tallies = self._tally(masks.reshape(n, self.num_units, h * w), thr, lab, img)
+        for name, value in tallies.items():
+            acc = getattr(self, name)
+            acc += value.to(self._device)
+        self._images += n
+
+    def _check_thresholds(self, masks: torch.Tensor, thresholds: TensorLike | None):
+        if thresholds is None:
+            if masks.dtype != torch.bool:
+                raise ValueError(
+                    "IoU.update expects bool masks [N, U, H, W], or activations with "
+                    f"thresholds=[U]; got masks of dtype {masks.dtype} and no thresholds"
+                )
+            return None
+        if masks.dtype == torch.bool or masks.is_complex():
+            raise ValueError(
+                "IoU.update with thresholds expects real-valued activations, "
+                f"got masks of dtype {masks.dtype}"
+            )
+        thr = _as_tensor(thresholds).to(masks.device)
+        if thr.shape != (self.num_units,):
+            raise ValueError(
+                f"IoU.update expects thresholds of shape [U] = ({self.num_units},), "
+                f"got {tuple(thr.shape)}"
+            )
+        return thr.to(masks.dtype if masks.is_floating_point() else torch.float64)
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        if ids.numel() == 0:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.num_concepts:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"IoU.update: {name} contain concept id {bad}, outside the concept "
+                f"table (ids 0..{self.num_concepts - 1}, 0 = none)"
+            )
+
+    def _is_concept(self, device: torch.device) -> torch.Tensor:
+        """``[C]`` bool: which ids are concepts (False for 0 and unused ids)."""
+        return torch.as_tensor(self.concept_category >= 0, device=device)
+
+    def _tally(
+        self,
+        masks: torch.Tensor,
+        thr: torch.Tensor | None,
+        lab: torch.Tensor,
+        img: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Tallies of one batch, computed on the masks' device, chunk by chunk."""
+        n, u, p = masks.shape
+        dev = masks.device
+        dtype = torch.float32 if p < _EXACT_FLOAT32 else torch.float64
+        item = torch.finfo(dtype).bits // 8
+        per_image = u * p * item
+        n_chunk = max(1, min(n, self.chunk_bytes // per_image))
+        p_chunk = p if per_image <= self.chunk_bytes else max(1, self.chunk_bytes // (u * item))
+        buffer = torch.empty(n_chunk * u * min(p, p_chunk), dtype=dtype, device=dev)
+        cat_onehot = torch.zeros(self.num_concepts, self.num_categories, dtype=dtype, device=dev)
+        cats = torch.as_tensor(self.concept_category, device=dev)
+        real = torch.nonzero(cats >= 0).reshape(-1)
+        cat_onehot[real, cats[real]] = 1
+        out = {
+            "_intersection": torch.zeros(u, self.num_concepts, dtype=torch.int64, device=dev),
+            "_label_area": torch.zeros(self.num_concepts, dtype=torch.int64, device=dev),
+            "_unit_area": torch.zeros(u, self.num_categories, dtype=torch.float64, device=dev),
+            "_unit_area_total": torch.zeros(u, dtype=torch.int64, device=dev),
+            "_category_images": torch.zeros(self.num_categories, dtype=torch.int64, device=dev),
+        }
+        for i0 in range(0, n, n_chunk):
+            i1 = min(n, i0 + n_chunk)
+            onehot, concept_ids, image_of, column = self._onehot(
+                lab[i0:i1], None if img is None else img[i0:i1], dtype
+            )
+            prod = torch.zeros(i1 - i0, u, onehot.shape[2], dtype=dtype, device=dev)
+            for p0 in range(0, p, p_chunk):
+                p1 = min(p, p0 + p_chunk)
+                block = buffer[: (i1 - i0) * u * (p1 - p0)].view(i1 - i0, u, p1 - p0)
+                _binarize(masks[i0:i1, :, p0:p1], thr, block)
+                prod.baddbmm_(block, onehot[:, p0:p1, :])
+            counts = prod.round_().to(torch.int64)
+            area = counts[:, :, 0]
+            out["_intersection"].index_add_(1, concept_ids, counts[image_of, :, column].T)
+            label_area = onehot[:, :, 1:].sum(1).round_().to(torch.int64)
+            out["_label_area"].index_add_(0, concept_ids, label_area[image_of, column - 1])
+            present = torch.zeros(i1 - i0, self.num_concepts, dtype=dtype, device=dev)
+            present[image_of, concept_ids] = 1
+            has_category = (present @ cat_onehot > 0).to(torch.float64)
+            out["_unit_area"] += area.T.to(torch.float64) @ has_category
+            out["_unit_area_total"] += area.sum(0)
+            out["_category_images"] += has_category.sum(0).to(torch.int64)
+        out["_unit_area"] = out["_unit_area"].round_().to(torch.int64)
+        return out
+
+    def _onehot(self, lab: torch.Tensor, img: torch.Tensor | None, dtype: torch.dtype):
+        """Per-image compact one-hot ``[n, P, c_max + 1]`` of the concepts present.
+
+        Column 0 is all ones (its product with a mask is the unit's area; label 0
+        and padding also land there, harmlessly). Returns the one-hot and, for every
+        present (image, concept) pair, the concept id, the image and its column.
+        """
+        n, layers, h, w = lab.shape
+        flat = lab.reshape(n, layers * h * w)
+        presence = torch.zeros(n, self.num_concepts, dtype=torch.bool, device=lab.device)
+        presence.scatter_(1, flat, True)
+        if img is not None:
+            presence.scatter_(1, img, True)
+        presence[:, 0] = False
+        unknown = torch.nonzero((presence & ~self._is_concept(lab.device)).any(0)).reshape(-1)
+        if unknown.numel():
+            raise ValueError(
+                f"IoU.update: labels contain concept ids {unknown[:10].tolist()} that are "
+                "not in the concept table"
+            )
+        local = presence.cumsum(1) * presence
+        c_max = int(local.max()) if local.numel() else 0
+        onehot = torch.zeros(n, h * w, c_max + 1, dtype=dtype, device=lab.device)
+        onehot[:, :, 0] = 1
+        pixel_local = local.gather(1, flat).view(n, layers, h * w).transpose(1, 2)
+        onehot.scatter_(2, pixel_local, 1)
+        if img is not None and img.shape[1]:
+            rows = torch.arange(n, device=lab.device)[:, None].expand_as(img)
+            onehot[rows, :, local.gather(1, img)] = 1
+        image_of, concept_ids = torch.nonzero(presence, as_tuple=True)
+        column = local[image_of, concept_ids]
+        return onehot, concept_ids, image_of, column
+
+    # ------------------------------------------------------------------ results
+    def intersection(self) -> np.ndarray:
+        """``[U, C]`` int64 pixels where unit and concept are both on (C = id axis)."""
+        return to_numpy(self._intersection)
+
+    def label_area(self) -> np.ndarray:
+        """``[C]`` int64 pixels labelled with each concept id."""
+        return to_numpy(self._label_area)
+
+    def unit_area(self) -> np.ndarray:
+        """``[U, K]`` int64 unit mask area over images carrying category ``k``."""
+        return to_numpy(self._unit_area)
+
+    def unit_area_total(self) -> np.ndarray:
+        """``[U]`` int64 unit mask area over all images (unconditioned)."""
+        return to_numpy(self._unit_area_total)
+
+    def category_image_count(self) -> np.ndarray:
+        """``[K]`` int64 number of images carrying any label of each category."""
+        return to_numpy(self._category_images)
+
+    def conditioned_unit_area(self) -> np.ndarray:
+        """``[U, C]`` int64 unit area over the images that count for each concept.
+
+        Column ``c`` is ``unit_area()[:, category(c)]``; zero for ids that are not
+        concepts (including 0).
+        """
+        cats = self.concept_category
+        out = np.zeros((self.num_units, self.num_concepts), dtype=np.int64)
+        real = cats >= 0
+        out[:, real] = self.unit_area()[:, cats[real]]
+        return out
+
+    def union(self) -> np.ndarray:
+        """``[U, C]`` int64 category-conditioned union ``A + L - I``."""
+        inter = self.intersection()
+        union = self.conditioned_unit_area() + self.label_area()[None, :] - inter
+        union[:, self.concept_category < 0] = 0
+        return union
+
+    def iou(self) -> np.ndarray:
+        """``[U, C]`` float64 IoU indexed by concept id (0 where the union is empty).
+
+        Column 0 ("none") and ids that are not concepts are 0; see
+        :meth:`iou_xarray` for the concept columns only, with names.
+        """
+        inter = self.intersection().astype(np.float64)
+        union = self.union().astype(np.float64)
+        return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+    def _concept_coords(self) -> tuple[np.ndarray, dict[str, Any]]:
+        ids = np.nonzero(self.concept_category >= 0)[0]
+        coords: dict[str, Any] = {
+            "concept": ids,
+            "category": ("concept", [self.categories[k] for k in self.concept_category[ids]]),
+        }
+        if self.concept_names is not None:
+            coords["concept_name"] = ("concept", [self.concept_names[i] for i in ids])
+        return ids, coords
+
+    def _unit_coord(self, units: Sequence | None) -> Sequence:
+        if units is None:
+            return np.arange(self.num_units)
+        if len(units) != self.num_units:
+            raise ValueError(f"IoU expected {self.num_units} unit labels, got {len(units)}")
+        return list(units)
+
+    def iou_xarray(self, units: Sequence | None = None) -> xr.DataArray:
+        """IoU as a ``DataArray[unit, concept]`` over the real concepts (id 0 dropped).
+
+        Coordinates: ``unit`` (``units`` labels, default ``0..U-1``), ``concept``
+        (ids), ``category`` and, when known, ``concept_name`` along ``concept``.
+        """
+        ids, coords = self._concept_coords()
+        return xr.DataArray(
+            self.iou()[:, ids],
+            dims=("unit", "concept"),
+            coords={"unit": self._unit_coord(units), **coords},
+            name="iou",
+        )
+
+    def to_xarray(self, units: Sequence | None = None) -> xr.Dataset:
+        """All results as a Dataset: iou, intersection, union, label_area, unit_area.
+
+        Dims ``unit``, ``concept`` (real concept ids) and ``category_name``.
+        """
+        ids, coords = self._concept_coords()
+        return xr.Dataset(
+            {
+                "iou": (("unit", "concept"), self.iou()[:, ids]),
+                "intersection": (("unit", "concept"), self.intersection()[:, ids]),
+                "union": (("unit", "concept"), self.union()[:, ids]),
+                "label_area": ("concept", self.label_area()[ids]),
+                "unit_area": (("unit", "category_name"), self.unit_area()),
+            },
+            coords={
+                "unit": self._unit_coord(units),
+                **coords,
+                "category_name": list(self.categories),
+            },
+            attrs={"images": self.image_count},
+        )
+
+    # ------------------------------------------------------------------ protocol
+    def merge(self, other: Stat) -> None:
+        """Add another IoU's tallies (same units, concept table and categories)."""
+        self._check_merge(other)
+        assert isinstance(other, IoU)
+        if other.num_units != self.num_units:
+            raise ValueError(
+                f"cannot merge IoU of {other.num_units} units into one of {self.num_units}"
+            )
+        if not np.array_equal(other.concept_category, self.concept_category) or list(
+            other.categories
+        ) != list(self.categories):
+            raise ValueError("cannot merge IoU stats with different concept tables or categories")
+        for name in _TALLIES:
+            acc = getattr(self, name)
+            acc += getattr(other, name).to(self._device)
+        self._images += other._images
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state: int64 tallies, the concept table and names (as JSON)."""
+        return {
+            **self._header(),
+            "num_units": self.num_units,
+            "chunk_bytes": self.chunk_bytes,
+            "concept_category": self.concept_category.copy(),
+            "categories": json.dumps(list(self.categories)),
+            "concept_names": json.dumps(self.concept_names),
+            "image_count": int(self._images),
+            **{name.lstrip("_"): to_numpy(getattr(self, name)) for name in _TALLIES},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict` (tallies land on CPU)."""
+        self._check_header(sd)
+        self.num_units = int(np.asarray(sd["num_units"]))
+        self.chunk_bytes = int(np.asarray(sd["chunk_bytes"]))
+        self.concept_category = np.asarray(sd["concept_category"], dtype=np.int64).copy()
+        self.categories = [str(c) for c in json.loads(str(np.asarray(sd["categories"])))]
+        names = json.loads(str(np.asarray(sd["concept_names"])))
+        self.concept_names = None if names is None else [str(x) for x in names]
+        self._device = torch.device("cpu")
+        self._zero_tallies()
+        for name in _TALLIES:
+            value = np.asarray(sd[name.lstrip("_")], dtype=np.int64)
+            expected = tuple(getattr(self, name).shape)
+            if value.shape != expected:
+                raise ValueError(
+                    f"IoU state_dict entry {name.lstrip('_')!r} has shape {value.shape}, "
+                    f"expected {expected}"
+                )
+            setattr(self, name, torch.from_numpy(value.copy()))
+        self._images = int(np.asarray(sd["image_count"]))
+
+    def to(self, device: torch.device | str) -> IoU:
+        """Move the tallies to ``device``; return ``self``."""
+        self._device = torch.device(device)
+        for name in _TALLIES:
+            setattr(self, name, getattr(self, name).to(self._device))
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"IoU(num_units={self.num_units}, concepts={int((self.concept_category >= 0).sum())}, "
+            f"categories={list(self.categories)}, images={self.image_count})"
+        )
+
+
+_TALLIES = ("_intersection", "_label_area", "_unit_area", "_unit_area_total", "_category_images")
+
+
+def _binarize(masks: torch.Tensor, thr: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Write the 0/1 float mask of a ``[n, U, p]`` block into ``out``."""
+    if thr is None:
+        out.copy_(masks.view(torch.uint8))
+    else:
+        torch.ge(masks, thr[None, :, None], out=out)
+
+
+def _as_tensor(x: TensorLike) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.as_tensor(np.asarray(x))
+
+
+def _integer(t: torch.Tensor, name: str) -> torch.Tensor:
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"IoU.update expects integer concept ids in {name}, got dtype {t.dtype}")
+    return t.to(torch.int64)
+
+
+def _gather_labels(labels, name: str, nhw: tuple[int, int, int]) -> torch.Tensor:
+    """Pixel labels as one int64 ``[N, L, H, W]`` tensor, checked against ``nhw``."""
+    parts = list(labels.values()) if isinstance(labels, Mapping) else None
+    if parts is None and isinstance(labels, list | tuple):
+        parts = list(labels)
+    if parts is None:
+        parts = [labels]
+    if not parts:
+        raise ValueError(f"IoU.update: {name} is empty; expected [N, H, W] or [N, L, H, W]")
+    n, h, w = nhw
+    layers = []
+    for part in parts:
+        t = _as_tensor(part)
+        if t.ndim == 3:
+            t = t[:, None]
+        if t.ndim != 4:
+            raise ValueError(
+                f"IoU.update expects {name} of shape [N, H, W] or [N, L, H, W], "
+                f"got shape {tuple(t.shape)}"
+            )
+        if t.shape[0] != n:
+            raise ValueError(f"IoU.update: {name} have N = {t.shape[0]} images, masks have {n}")
+        if tuple(t.shape[2:]) != (h, w):
+            raise ValueError(
+                f"IoU.update: {name} are {t.shape[2]}x{t.shape[3]} but masks are {h}x{w}; "
+                "upsample activations to the label resolution first"
+            )
+        layers.append(_integer(t, name))
+    return layers[0] if len(layers) == 1 else torch.cat([x.to(layers[0].device) for x in layers], 1)
+
+
+def _gather_image_labels(image_labels, n: int) -> torch.Tensor:
+    """Whole-image labels as one int64 ``[N, K]`` tensor."""
+    if isinstance(image_labels, Mapping):
+        parts = list(image_labels.values())
+    elif isinstance(image_labels, list | tuple):
+        parts = list(image_labels)
+    else:
+        parts = [image_labels]
+    cols = []
+    for part in parts:
+        t = _as_tensor(part)
+        if t.ndim != 2 or t.shape[0] != n:
+            raise ValueError(
+                f"IoU.update expects image_labels of shape [N, K] with N = {n}, "
+                f"got shape {tuple(t.shape)}"
+            )
+        cols.append(_integer(t, "image_labels"))
+    if not cols:
+        return torch.zeros(n, 0, dtype=torch.int64)
+    return cols[0] if len(cols) == 1 else torch.cat([c.to(cols[0].device) for c in cols], 1)
+
+
+def _from_category_array(
+    concept_category: TensorLike | Sequence[int], categories: Sequence[str] | None
+) -> tuple[np.ndarray, list[str]]:
+    table = np.asarray(
+        concept_category.cpu() if isinstance(concept_category, torch.Tensor) else concept_category
+    )
+    if table.ndim != 1 or table.size < 2 or not np.issubdtype(table.dtype, np.integer):
+        raise ValueError(
+            "IoU concept_category must be a 1-D int array indexed by concept id "
+            f"(at least ids 0 and 1), got shape {table.shape} dtype {table.dtype}"
+        )
+    table = table.astype(np.int64).copy()
+    table[0] = -1
+    table[table < 0] = -1
+    count = int(table.max()) + 1
+    if count < 1:
+        raise ValueError("IoU concept_category lists no concept (every entry is negative)")
+    if categories is None:
+        cats = [str(k) for k in range(count)]
+    else:
+        cats = [str(c) for c in categories]
+        if len(cats) < count:
+            raise ValueError(
+                f"IoU concept_category uses category index {count - 1} but only "
+                f"{len(cats)} categories are named"
+            )
+    return table, cats
+
+
+def _from_concepts_table(
+    df: pd.DataFrame, categories: Sequence[str] | None
+) -> tuple[np.ndarray, list[str], list[str] | None]:
+    missing = {"id", "category"} - set(df.columns)
+    if missing:
+        raise ValueError(
+            f"IoU concepts table needs columns 'id' and 'category', missing {sorted(missing)}"
+        )
+    ids = df["id"].to_numpy()
+    if len(ids) == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 1:
+        raise ValueError("IoU concepts table needs integer ids >= 1 (0 is reserved for none)")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("IoU concepts table has duplicate concept ids")
+    cat_values = [str(c) for c in df["category"]]
+    cats = list(dict.fromkeys(cat_values)) if categories is None else [str(c) for c in categories]
+    index = {c: k for k, c in enumerate(cats)}
+    unknown = sorted(set(cat_values) - set(index))
+    if unknown:
+        raise ValueError(f"IoU concepts table has categories {unknown} not in categories={cats}")
+    table = np.full(int(ids.max()) + 1, -1, dtype=np.int64)
+    table[ids] = [index[c] for c in cat_values]
+    names = None
+    if "name" in df.columns:
+        names = [""] * len(table)
+        names[0] = "none"
+        for i, name in zip(ids, df["name"], strict=True):
+            names[int(i)] = str(name)
+    return table, cats, names

@@ -1,0 +1,281 @@
+"""IoU tallies against a brute-force per-pixel computation and hand-built cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nethook.stats.base import from_state_dict
+from nethook.stats.iou import IoU
+
+
+def brute_force(masks, labels, image_labels, concept_category, num_categories):
+    """Reference tallies: per image, a full [C, H, W] presence map, summed pixel by pixel."""
+    n, u, h, w = masks.shape
+    c = len(concept_category)
+    inter = np.zeros((u, c), np.int64)
+    label_area = np.zeros(c, np.int64)
+    unit_area = np.zeros((u, num_categories), np.int64)
+    for i in range(n):
+        has = np.zeros((c, h, w), bool)
+        for layer in labels[i]:
+            for cid in range(c):
+                has[cid] |= layer == cid
+        if image_labels is not None:
+            for cid in image_labels[i]:
+                has[cid] = True
+        has[0] = False
+        m = masks[i].astype(np.int64)
+        inter += np.einsum("uhw,chw->uc", m, has.astype(np.int64))
+        label_area += has.sum((1, 2))
+        for k in {int(concept_category[cid]) for cid in range(1, c) if has[cid].any()}:
+            unit_area[:, k] += m.sum((1, 2))
+    cond = np.zeros((u, c), np.int64)
+    real = concept_category >= 0
+    real[0] = False
+    cond[:, real] = unit_area[:, concept_category[real]]
+    union = cond + label_area[None] - inter
+    union[:, ~real] = 0
+    iou = np.divide(inter, union, out=np.zeros((u, c)), where=union > 0)
+    return inter, label_area, unit_area, iou
+
+
+def random_case(seed, n, u, h, w, layers, k_img, num_concepts, num_categories, sparsity):
+    """Random masks and labels; ids drawn from the concept table, with unused ids."""
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, num_categories, num_concepts)
+    table[0] = -1
+    table[rng.random(num_concepts) < 0.2] = -1
+    table[1] = 0
+    ids = np.nonzero(table >= 0)[0]
+    masks = rng.random((n, u, h, w)) < rng.random((1, u, 1, 1))
+    labels = rng.choice(ids, (n, layers, h, w))
+    labels[rng.random(labels.shape) < sparsity] = 0
+    image_labels = rng.choice(ids, (n, k_img))
+    image_labels[rng.random(image_labels.shape) < 0.5] = 0
+    return table, masks, labels, image_labels
+
+
+case_args = dict(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 5),
+    u=st.integers(1, 5),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    layers=st.integers(1, 3),
+    k_img=st.integers(0, 2),
+    num_concepts=st.integers(2, 9),
+    num_categories=st.integers(1, 3),
+    sparsity=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(chunk_bytes=st.sampled_from([1, 50, 1000, 64 << 20]), **case_args)
+def test_matches_brute_force(chunk_bytes, **case):
+    table, masks, labels, image_labels = random_case(**case)
+    k = case["num_categories"]
+    stat = IoU(case["u"], table, categories=[f"cat{i}" for i in range(k)], chunk_bytes=chunk_bytes)
+    stat.update(torch.from_numpy(masks), torch.from_numpy(labels), torch.from_numpy(image_labels))
+    inter, label_area, unit_area, iou = brute_force(masks, labels, image_labels, table, k)
+    np.testing.assert_array_equal(stat.intersection(), inter)
+    np.testing.assert_array_equal(stat.label_area(), label_area)
+    np.testing.assert_array_equal(stat.unit_area(), unit_area)
+    np.testing.assert_array_equal(stat.unit_area_total(), masks.sum((0, 2, 3)))
+    np.testing.assert_allclose(stat.iou(), iou, rtol=0, atol=1e-15)
+    assert stat.image_count == case["n"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), **case_args)
+def test_merge_of_any_split_equals_one_pass(data, **case):
+    table, masks, labels, image_labels = random_case(**case)
+    n = case["n"]
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=3)))
+    bounds = [0, *cuts, n]
+    whole = IoU(case["u"], table)
+    whole.update(masks, labels, image_labels)
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        part = IoU(case["u"], table)
+        part.update(masks[a:b], labels[a:b], image_labels[a:b])
+        parts.append(part)
+    order = data.draw(st.permutations(range(len(parts))))
+    merged = parts[order[0]]
+    for j in order[1:]:
+        merged.merge(parts[j])
+    for key, value in whole.state_dict().items():
+        np.testing.assert_array_equal(merged.state_dict()[key], value, err_msg=key)
+
+
+@settings(max_examples=20, deadline=None)
+@given(**case_args)
+def test_activations_with_thresholds_equal_their_masks(**case):
+    table, masks, labels, image_labels = random_case(**case)
+    rng = np.random.default_rng(case["seed"])
+    acts = rng.standard_normal(masks.shape).astype(np.float32)
+    thresholds = rng.standard_normal(case["u"]).astype(np.float32)
+    by_act = IoU(case["u"], table)
+    by_act.update(acts, labels, image_labels, thresholds=thresholds)
+    by_mask = IoU(case["u"], table)
+    by_mask.update(acts >= thresholds[None, :, None, None], labels, image_labels)
+    np.testing.assert_array_equal(by_act.intersection(), by_mask.intersection())
+    np.testing.assert_array_equal(by_act.unit_area(), by_mask.unit_area())
+
+
+def test_category_conditioning_by_hand():
+    """Unit 0 covers object 1 exactly in image 0 and all of image 1, which has no object.
+
+    Conditioned, image 1's area does not count towards the object's union (IoU 1);
+    the part in image 1's top row gets 4 / 16 since only image 1 carries parts.
+    """
+    table = np.array([-1, 0, 1])
+    masks = np.zeros((2, 2, 4, 4), bool)
+    masks[0, 0, :, :2] = True
+    masks[1, 0] = True
+    labels = np.zeros((2, 4, 4), np.int64)
+    labels[0, :, :2] = 1
+    labels[1, 0, :] = 2
+    stat = IoU(2, table, categories=["object", "part"])
+    stat.update(masks, labels)
+    assert stat.iou()[0, 1] == 1.0
+    assert stat.iou()[0, 2] == 0.25
+    np.testing.assert_array_equal(stat.unit_area(), [[8, 16], [0, 0]])
+    np.testing.assert_array_equal(stat.unit_area_total(), [24, 0])
+    np.testing.assert_array_equal(stat.category_image_count(), [1, 1])
+    np.testing.assert_array_equal(stat.iou()[1], [0, 0, 0])
+
+
+def test_repeated_and_image_labels_count_once():
+    """A concept given twice at a pixel, or as pixel and whole-image label, counts once."""
+    table = np.array([-1, 0, 1])
+    masks = np.ones((1, 1, 3, 3), bool)
+    labels = np.ones((1, 2, 3, 3), np.int64)
+    labels[0, 1, 0, 0] = 2
+    stat = IoU(1, table)
+    stat.update(masks, labels, image_labels=np.array([[2, 2, 0]]))
+    np.testing.assert_array_equal(stat.label_area(), [0, 9, 9])
+    np.testing.assert_array_equal(stat.intersection(), [[0, 9, 9]])
+    assert stat.iou()[0].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_label_dicts_and_concepts_table():
+    """ConceptSource-style inputs: a concepts DataFrame and per-category label dicts."""
+    concepts = pd.DataFrame(
+        {
+            "id": [1, 2, 4],
+            "name": ["sky", "wheel", "indoor"],
+            "category": ["object", "part", "scene"],
+        }
+    )
+    stat = IoU(1, concepts)
+    assert stat.categories == ["object", "part", "scene"]
+    masks = np.zeros((1, 1, 2, 2), bool)
+    masks[0, 0, 0] = True
+    labels = {
+        "object": np.array([[[[1, 1], [0, 0]]]]),
+        "part": np.array([[[[0, 2], [2, 2]]]]),
+    }
+    stat.update(masks, labels, image_labels={"scene": np.array([[4]])})
+    da = stat.iou_xarray()
+    assert da.dims == ("unit", "concept")
+    assert da.concept.values.tolist() == [1, 2, 4]
+    assert da.concept_name.values.tolist() == ["sky", "wheel", "indoor"]
+    assert da.sel(unit=0, concept=1).item() == 1.0
+    assert da.sel(unit=0, concept=2).item() == pytest.approx(1 / 4)
+    assert da.sel(unit=0, concept=4).item() == pytest.approx(2 / 4)
+    ds = stat.to_xarray()
+    assert ds["union"].sel(unit=0, concept=2).item() == 4
+    assert ds["label_area"].sel(concept=4).item() == 4
+
+
+def test_state_round_trip_is_exact_and_plain(tmp_path):
+    table, masks, labels, image_labels = random_case(3, 4, 3, 5, 4, 2, 1, 7, 2, 0.5)
+    stat = IoU(3, table, concept_names=[f"c{i}" for i in range(7)])
+    stat.update(masks[:2], labels[:2], image_labels[:2])
+    np.savez(tmp_path / "s.npz", **stat.state_dict())
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+        loaded = from_state_dict({k: f[k] for k in f.files})
+    assert isinstance(loaded, IoU)
+    for key, value in stat.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key], value, err_msg=key)
+    stat.update(masks[2:], labels[2:], image_labels[2:])
+    loaded.update(masks[2:], labels[2:], image_labels[2:])
+    np.testing.assert_array_equal(loaded.iou(), stat.iou())
+    assert loaded.concept_names == stat.concept_names
+
+
+def test_newer_state_version_is_refused():
+    sd = IoU(1, np.array([-1, 0])).state_dict()
+    sd["version"] = IoU.version + 1
+    with pytest.raises(ValueError, match="newer"):
+        from_state_dict(sd)
+
+
+def test_empty_batch_and_to_device():
+    stat = IoU(2, np.array([-1, 0]))
+    stat.update(np.zeros((0, 2, 3, 3), bool), np.zeros((0, 3, 3), np.int64))
+    assert stat.image_count == 0 and stat.to("cpu") is stat
+    assert stat.iou().shape == (2, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    table, masks, labels, image_labels = random_case(5, 4, 6, 9, 7, 2, 1, 8, 2, 0.3)
+    cpu = IoU(6, table)
+    cpu.update(masks, labels, image_labels)
+    gpu = IoU(6, table).to("cuda")
+    gpu.update(torch.from_numpy(masks).cuda(), torch.from_numpy(labels).cuda(), image_labels)
+    np.testing.assert_array_equal(gpu.intersection(), cpu.intersection())
+    np.testing.assert_array_equal(gpu.unit_area(), cpu.unit_area())
+
+
+BAD_UPDATES = [
+    (
+        "masks",
+        dict(masks=np.zeros((2, 3, 4), bool)),
+        r"masks \[N, U, H, W\].*got shape \(2, 3, 4\)",
+    ),
+    ("units", dict(masks=np.zeros((2, 5, 4, 4), bool)), r"U = 3.*\(2, 5, 4, 4\)"),
+    ("dtype", dict(masks=np.zeros((2, 3, 4, 4), np.float32)), r"bool masks.*float32"),
+    ("thr", dict(thresholds=np.zeros(4)), r"thresholds of shape \[U\] = \(3,\), got \(4,\)"),
+    ("rank", dict(labels=np.zeros((2, 4), np.int64)), r"\[N, H, W\] or \[N, L, H, W\].*\(2, 4\)"),
+    ("n", dict(labels=np.zeros((3, 4, 4), np.int64)), r"N = 3 images, masks have 2"),
+    ("hw", dict(labels=np.zeros((2, 4, 5), np.int64)), r"4x5 but masks are 4x4"),
+    ("float", dict(labels=np.zeros((2, 4, 4))), r"integer concept ids.*float64"),
+    ("range", dict(labels=np.full((2, 4, 4), 9)), r"concept id 9, outside.*0\.\.3"),
+    ("negative", dict(labels=np.full((2, 4, 4), -1)), r"concept id -1, outside"),
+    ("gap", dict(labels=np.full((2, 4, 4), 2)), r"concept ids \[2\] that are not in"),
+    ("img", dict(image_labels=np.zeros((3, 1), np.int64)), r"image_labels of shape \[N, K\]"),
+    ("img id", dict(image_labels=np.full((2, 1), 7)), r"image_labels contain concept id 7"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_UPDATES, ids=[b[0] for b in BAD_UPDATES])
+def test_bad_input_names_expected_and_got(case):
+    _, override, message = case
+    stat = IoU(3, np.array([-1, 0, -1, 1]))
+    args = dict(masks=np.zeros((2, 3, 4, 4), bool), labels=np.ones((2, 4, 4), np.int64))
+    if "thresholds" in override:
+        args["masks"] = np.zeros((2, 3, 4, 4), np.float32)
+    args.update(override)
+    with pytest.raises(ValueError, match=message):
+        stat.update(**args)
+    assert stat.image_count == 0 and stat.intersection().sum() == 0
+
+
+def test_bad_construction_and_merge():
+    with pytest.raises(ValueError, match="1-D int array"):
+        IoU(2, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="missing"):
+        IoU(2, pd.DataFrame({"id": [1]}))
+    with pytest.raises(ValueError, match="only 1 categories"):
+        IoU(2, np.array([-1, 0, 1]), categories=["object"])
+    with pytest.raises(ValueError, match="2 units into one of 3"):
+        IoU(3, np.array([-1, 0])).merge(IoU(2, np.array([-1, 0])))
+    with pytest.raises(ValueError, match="different concept tables"):
+        IoU(2, np.array([-1, 0])).merge(IoU(2, np.array([-1, 0, 0])))
