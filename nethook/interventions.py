@@ -1,0 +1,382 @@
+"""Interventions: small objects that change a layer's output, usable as ``edit_output``.
+
+Each acts on selected units (channels) of the layer's output, optionally only inside
+a region: a spatial ``mask`` (``[H, W]`` for conv outputs ``[B, C, H, W]``, or
+``[T]`` for token outputs ``[B, T, C]``; values in [0, 1], fractional values blend)
+or token ``positions`` (for ``[B, T, C]``). The channel dimension is 1 for outputs
+of 4 or more dimensions and the last one for ``[B, T, C]`` and ``[B, C]``; pass
+``channel_dim`` to override. Inside the region a unit's value ``r`` becomes the
+intervention's target; outside, and for every other unit, the output is unchanged:
+``r + region * (target - r)``.
+
+======================  =======================================
+``Ablate``              target 0
+``Replace``             target ``k`` (one constant per unit)
+``Scale``               target ``s * r``
+``AddDirection``        target ``r + scale * d`` (all units)
+``PartialAblate``       target ``(1 - a) * r``, ``a`` in [0, 1] per unit
+``PartialInsert``       target ``a * k + (1 - a) * r``
+======================  =======================================
+
+The last two are the partial ablation and insertion of GAN Dissection. Every
+intervention has a readable ``repr`` and a JSON description: ``x.to_json()`` and
+:func:`from_json` round-trip. Register more with :func:`register` (the plugin host
+does this for the ``nethook_interventions`` hook).
+
+Used as ``edit_output``, an intervention edits the first tensor of a tuple, list,
+dict or dataclass output (the hidden state of Hugging Face style layers) and keeps
+the rest of the structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "REGISTRY",
+    "AddDirection",
+    "Ablate",
+    "Intervention",
+    "PartialAblate",
+    "PartialInsert",
+    "Replace",
+    "Scale",
+    "from_json",
+    "register",
+]
+
+REGISTRY: dict[str, type[Intervention]] = {}
+
+
+def register(cls: type[Intervention] | None = None, *, name: str | None = None):
+    """Add an Intervention subclass to the registry :func:`from_json` reads (a decorator).
+
+    The registered name (default: the class name) is the ``"type"`` of its JSON.
+    """
+
+    def add(c: type[Intervention]) -> type[Intervention]:
+        if not (isinstance(c, type) and issubclass(c, Intervention)):
+            raise TypeError(f"register expects an Intervention subclass, got {c!r}")
+        key = name or c.__name__
+        REGISTRY[key] = c
+        c.kind = key
+        return c
+
+    return add if cls is None else add(cls)
+
+
+def from_json(d: dict[str, Any]) -> Intervention:
+    """Rebuild an intervention from its ``to_json()`` description."""
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError(f"intervention JSON must be a dict with a 'type' key, got {d!r}")
+    params = dict(d)
+    kind = params.pop("type")
+    if kind not in REGISTRY:
+        raise ValueError(
+            f"unknown intervention type {kind!r}; known: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[kind](**params)
+
+
+def _floats(values: Any, what: str) -> list[float] | float:
+    """A float or a flat list of floats from a number, list, array or tensor."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return float(values)
+    flat = torch.as_tensor(values, dtype=torch.float64).flatten().tolist()
+    if not flat:
+        raise ValueError(f"{what} must not be empty")
+    return flat
+
+
+def _short(values: Any, limit: int = 6) -> str:
+    """A list written in full when short, else its start and length."""
+    if not isinstance(values, list) or len(values) <= limit:
+        return repr(values)
+    head = ", ".join(f"{v:g}" if isinstance(v, float) else repr(v) for v in values[:limit])
+    return f"[{head}, ... ({len(values)})]"
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class Intervention:
+    """Base class: change ``units`` of a layer's output inside an optional region.
+
+    Subclasses set :meth:`target`; this class selects units, builds the region from
+    ``mask``/``positions`` and blends. ``units`` are channel indices (None = every
+    channel).
+    """
+
+    units: Sequence[int] | None = None
+    mask: Any = None
+    positions: Sequence[int] | None = None
+    channel_dim: int | None = None
+
+    kind: ClassVar[str] = "Intervention"
+
+    def __post_init__(self) -> None:
+        if self.units is not None:
+            units = torch.as_tensor(self.units).flatten().tolist()
+            if not all(isinstance(u, int) and u >= 0 for u in units):
+                raise ValueError(f"units must be channel indices >= 0, got {self.units!r}")
+            self.units = units
+        if self.mask is not None:
+            mask = torch.as_tensor(self.mask, dtype=torch.float32)
+            if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+                raise ValueError("mask values must lie in [0, 1]")
+            self.mask = mask.tolist()
+        if self.positions is not None:
+            self.positions = [int(p) for p in torch.as_tensor(self.positions).flatten().tolist()]
+        if self.mask is not None and self.positions is not None:
+            raise ValueError("give a mask or token positions, not both")
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _constant(self, name: str, values: Any, like: torch.Tensor, dtype=None) -> torch.Tensor:
+        """``values`` as a tensor on ``like``'s device, built once per device and dtype."""
+        dtype = dtype or like.dtype
+        key = (name, like.device, dtype)
+        if key not in self._cache:
+            self._cache[key] = torch.as_tensor(values, dtype=dtype, device=like.device)
+        return self._cache[key]
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        """The value the selected units take inside the region (``r``: their values)."""
+        raise NotImplementedError
+
+    def per_unit(self, values: float | list[float], r: torch.Tensor, what: str) -> torch.Tensor:
+        """``values`` (a scalar or one per selected unit) shaped to broadcast against ``r``."""
+        t = self._constant(what, values, r)
+        if t.ndim == 0:
+            return t
+        cdim = self._cdim(r)
+        if t.numel() != r.shape[cdim]:
+            raise ValueError(
+                f"{type(self).__name__}: {what} has {t.numel()} values for {r.shape[cdim]} units"
+            )
+        shape = [1] * r.ndim
+        shape[cdim] = -1
+        return t.view(shape)
+
+    def _cdim(self, x: torch.Tensor) -> int:
+        """The channel dimension of ``x`` as a non-negative index."""
+        if self.channel_dim is not None:
+            return self.channel_dim % x.ndim
+        return 1 if x.ndim >= 4 else x.ndim - 1
+
+    def _region(self, x: torch.Tensor, cdim: int) -> torch.Tensor | None:
+        """The blend weights (1 = fully changed) broadcastable to ``x``; None = everywhere."""
+        if self.mask is None and self.positions is None:
+            return None
+        spatial = [d for d in range(1, x.ndim) if d != cdim]
+        sizes = [x.shape[d] for d in spatial]
+        if self.mask is not None:
+            region = self._constant("mask", self.mask, x)
+            if list(region.shape) != sizes:
+                raise ValueError(
+                    f"{type(self).__name__}: mask has shape {list(region.shape)} but the "
+                    f"output {list(x.shape)} has spatial shape {sizes}"
+                )
+        else:
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"{type(self).__name__}: token positions need a [B, T, C] output, "
+                    f"got shape {list(x.shape)}"
+                )
+            if any(p >= sizes[0] or p < -sizes[0] for p in self.positions):
+                raise ValueError(
+                    f"{type(self).__name__}: positions {self.positions} out of range "
+                    f"for {sizes[0]} tokens"
+                )
+            region = torch.zeros(sizes, dtype=x.dtype, device=x.device)
+            region[self.positions] = 1
+        view = [1] * x.ndim
+        for d, size in zip(spatial, sizes, strict=True):
+            view[d] = size
+        return region.view(view)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the edited copy of tensor ``x`` (``x`` itself is not modified)."""
+        cdim = self._cdim(x)
+        if self.units is None:
+            r, index = x, None
+        else:
+            if self.units and max(self.units) >= x.shape[cdim]:
+                raise ValueError(
+                    f"{type(self).__name__}: unit {max(self.units)} out of range for "
+                    f"{x.shape[cdim]} channels in output of shape {list(x.shape)}"
+                )
+            index = self._constant("units", self.units, x, torch.long)
+            r = x.index_select(cdim, index)
+        target = self.target(r, list(x.shape)).to(x.dtype)
+        region = self._region(x, cdim)
+        new = target if region is None else r + region * (target - r)
+        if index is None:
+            return new
+        return x.index_copy(cdim, index, new)
+
+    def __call__(self, output: Any, layer: str | None = None) -> Any:
+        """Edit the first tensor of ``output`` (usable as ``edit_output``)."""
+        try:
+            return _map_first_tensor(self.apply, output)
+        except ValueError as exc:
+            raise ValueError(f"layer {layer!r}: {exc}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable description; :func:`from_json` rebuilds the object."""
+        d: dict[str, Any] = {"type": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                d[f.name] = value
+        return d
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Intervention) and self.to_json() == other.to_json()
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name == "mask":
+                m = torch.as_tensor(value)
+                parts.append(f"mask=<{'x'.join(map(str, m.shape))} mask, {m.sum().item():g} on>")
+            else:
+                parts.append(f"{f.name}={_short(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _map_first_tensor(fn, output: Any) -> Any:
+    """Apply ``fn`` to the first tensor in ``output`` (depth first), keeping the structure."""
+    done = False
+
+    def visit(x: Any) -> Any:
+        nonlocal done
+        if done:
+            return x
+        if isinstance(x, torch.Tensor):
+            done = True
+            return fn(x)
+        if isinstance(x, tuple):
+            items = [visit(v) for v in x]
+            if hasattr(x, "_fields"):
+                return type(x)(*items)
+            return tuple(items) if type(x) is tuple else type(x)(items)
+        if isinstance(x, list):
+            return [visit(v) for v in x]
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            changes = {f.name: visit(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+            return dataclasses.replace(x, **changes)
+        if isinstance(x, dict):
+            items = {k: visit(v) for k, v in x.items()}
+            return items if type(x) is dict else type(x)(items)
+        return x
+
+    result = visit(output)
+    if not done:
+        raise ValueError(f"output holds no tensor to edit ({type(output).__name__})")
+    return result
+
+
+@register
+@dataclasses.dataclass(eq=False, repr=False)
+class Ablate(Intervention):
+    """Set ``units`` to zero (inside the region)."""
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return torch.zeros_like(r)
+
+
+@register
+@dataclasses.dataclass(eq=False, repr=False)
+class Replace(Intervention):
+    """Set ``units`` to the constant ``values`` (one per unit, or one for all)."""
+
+    values: float | list[float] = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.values = _floats(self.values, "values")
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return self.per_unit(self.values, r, "values").expand_as(r)
+
+
+@register
+@dataclasses.dataclass(eq=False, repr=False)
+class Scale(Intervention):
+    """Multiply ``units`` by ``factor`` (one per unit, or one for all)."""
+
+    factor: float | list[float] = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.factor = _floats(self.factor, "factor")
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return r * self.per_unit(self.factor, r, "factor")
+
+
+@register
+@dataclasses.dataclass(eq=False, repr=False)
+class AddDirection(Intervention):
+    """Add ``scale * direction`` along the channel dimension (``direction``: one value per unit)."""
+
+    direction: list[float] | None = None
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.direction is None:
+            raise ValueError("AddDirection needs a direction (one value per unit)")
+        self.direction = _floats(self.direction, "direction")
+        if not isinstance(self.direction, list):
+            self.direction = [self.direction]
+        self.scale = float(self.scale)
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return r + self.scale * self.per_unit(self.direction, r, "direction")
+
+
+def _alpha(alpha: Any) -> float | list[float]:
+    """Validate the blend weight(s) ``a`` in [0, 1]."""
+    values = _floats(alpha, "alpha")
+    if any(not 0.0 <= v <= 1.0 for v in (values if isinstance(values, list) else [values])):
+        raise ValueError(f"alpha must lie in [0, 1], got {_short(values)}")
+    return values
+
+
+@register
+@dataclasses.dataclass(eq=False, repr=False)
+class PartialAblate(Intervention):
+    """GAN Dissection's partial ablation: ``(1 - a) * r`` with ``a`` in [0, 1] per unit."""
+
+    alpha: float | list[float] = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.alpha = _alpha(self.alpha)
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return (1 - self.per_unit(self.alpha, r, "alpha")) * r
+
+
+@register
+@dataclasses.dataclass(eq=False, repr=False)
+class PartialInsert(Intervention):
+    """GAN Dissection's partial insertion: ``a * k + (1 - a) * r`` per unit."""
+
+    values: float | list[float] = 0.0
+    alpha: float | list[float] = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.values = _floats(self.values, "values")
+        self.alpha = _alpha(self.alpha)
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        a = self.per_unit(self.alpha, r, "alpha")
+        return a * self.per_unit(self.values, r, "values") + (1 - a) * r
