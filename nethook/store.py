@@ -738,21 +738,20 @@ class ActivationStore:
 def check_identity(
     path: str, have: Mapping[str, Any], wanted: Mapping[str, Any], auto_block: bool = False
 ) -> None:
-    """Raise :class:`StoreMismatchError` naming every identity field that differs."""
-    fields = [f for f in IDENTITY_FIELDS if not (auto_block and f == "block_samples")]
-    if wanted.get("model_hash") is None:
-        fields.remove("model_hash")
-    if wanted.get("source_fingerprint") is None:
-        fields.remove("source_fingerprint")
+    """Raise :class:`StoreMismatchError` naming every identity field that differs.
+
+    Only fields present in ``wanted`` are compared; a ``model_hash`` or
+    ``source_fingerprint`` of None (unknown to this run) is not compared, nor is
+    ``block_samples`` when ``auto_block`` (the run left it to the store).
+    """
+    fields = [f for f in (*IDENTITY_FIELDS, "shapes") if f in wanted]
+    skip = {"block_samples"} if auto_block else set()
+    skip |= {f for f in ("model_hash", "source_fingerprint") if wanted.get(f) is None}
     diffs = [
         f"{field}: store has {have.get(field)!r}, this run has {wanted.get(field)!r}"
         for field in fields
-        if _norm(have.get(field)) != _norm(wanted.get(field))
+        if field not in skip and _norm(have.get(field)) != _norm(wanted.get(field))
     ]
-    if have.get("shapes") != wanted.get("shapes") and have.get("layers") == wanted.get("layers"):
-        diffs.append(
-            f"layer shapes: store has {have.get('shapes')}, this run has {wanted.get('shapes')}"
-        )
     if diffs:
         raise StoreMismatchError(
             f"refusing to append to store {path}: it was recorded differently ("
@@ -762,14 +761,33 @@ def check_identity(
 
 
 def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    if isinstance(value, Mapping):
+        return {k: _norm(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_norm(v) for v in value]
+    return value
 
 
 def _check_path(path: str | os.PathLike) -> str:
     path = os.fspath(path)
+    if path.startswith("file://"):
+        path = path[len("file://") :]
     if "://" not in path and os.path.isfile(path):
         raise StoreError(f"store path {path} is a file; expected a directory (a Zarr store)")
     return path
+
+
+def read_identity(path: str | os.PathLike, storage_options: dict | None = None) -> dict | None:
+    """The identity recorded in the store at ``path``, or None if there is no store yet."""
+    path = _check_path(path)
+    group = _try_open_group(path, storage_options)
+    if group is None:
+        return None
+    if "nethook" not in group.attrs:
+        if len(list(group.keys())):
+            raise StoreError(f"{path} already holds a Zarr group that is not a nethook store")
+        return None
+    return dict(group.attrs["nethook"])
 
 
 def _try_open_group(path: str, storage_options: dict | None, mode: str = "r") -> zarr.Group | None:

@@ -1,0 +1,794 @@
+"""The one batch loop: source -> model under TraceDict -> per-layer consumers.
+
+::
+
+    from nethook.runner import run, StatConsumer, StoreWriter
+    from nethook.stats.moments import Variance
+
+    consumers = {
+        "var": StatConsumer(Variance(), "layer3"),        # flatten([B,C,H,W]) -> [N,C]
+        "store": StoreWriter("acts.zarr", ["layer3"], samples=len(source)),
+    }
+    run(model, source, consumers, batch_size=64, checkpoint="tally.ckpt.npz")
+
+A *consumer* is any callable ``consumer(batch: Batch)`` with a ``layers`` attribute (the
+layers it needs). It receives the whole :class:`Batch`: the activations of every traced
+layer (``[B, C, H, W]`` / ``[B, T, C]`` / ``[B, C]`` as the model made them), the
+source's batch (images, labels, ...) and the sample positions, so a per-batch function
+can combine activations with labels (dissection's IoU) while a :class:`StatConsumer`
+flattens to ``[N, C]`` for moment stats. Consumers with ``state_dict()`` /
+``load_state_dict()`` are checkpointed every ``checkpoint_every`` batches (atomically),
+so a killed tally resumes where it stopped with the same state as an uninterrupted run.
+
+:func:`run_store` feeds the same consumers from an :class:`~nethook.store.ActivationStore`
+instead of the model (a second pass from disk, no forward pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from nethook.stats.base import Stat, flatten
+from nethook.store import (
+    ActivationStore,
+    StoreError,
+    check_identity,
+    from_storage,
+    read_identity,
+    storage_dtype,
+    to_storage,
+)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Batch:
+    """One batch as consumers see it.
+
+    ``acts`` maps layer name -> activations ``[B, ...]`` (model layout, on the run's
+    device); ``data`` is the source's batch (for a concept source a dict with
+    ``image``, ``labels``, ``image_labels``, ``index``), or None in a store pass without
+    a source; ``positions`` are the samples' positions in the source, ``start`` the
+    run-relative index of the first sample and ``number`` the batch's number in the run.
+    """
+
+    acts: dict[str, torch.Tensor]
+    data: Any
+    positions: torch.Tensor
+    start: int
+    number: int
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    """What the runner feeds: ``consumer(batch)``; ``layers`` names the layers it needs.
+
+    Optional methods: ``state_dict()`` / ``load_state_dict(sd)`` (checkpointed),
+    ``resume_batch(batch_size)`` (first batch number it still needs when the run
+    restarts), ``close()`` (called after the last batch) and ``abort()`` (called
+    instead when the run fails).
+    """
+
+    layers: Sequence[str]
+
+    def __call__(self, batch: Batch) -> None: ...
+
+
+class StatConsumer:
+    """Feed one layer's activations into a stat, flattened to ``[N, C]``.
+
+    ``transform`` turns the layer's ``[B, ...]`` activations into the stat's input;
+    the default is :func:`nethook.stats.flatten` (``[B,C,H,W]`` / ``[B,T,C]`` -> ``[N,C]``).
+    """
+
+    def __init__(
+        self,
+        stat: Stat,
+        layer: str,
+        transform: Callable[[torch.Tensor], torch.Tensor] = flatten,
+    ):
+        self.stat = stat
+        self.layer = layer
+        self.layers = (layer,)
+        self.transform = transform
+
+    def __call__(self, batch: Batch) -> None:
+        self.stat.update(self.transform(batch.acts[self.layer]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stat.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.stat.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return f"StatConsumer({self.stat!r}, {self.layer!r})"
+
+
+class FunctionConsumer:
+    """Wrap a plain function ``fn(batch)`` as a consumer of ``layers``."""
+
+    def __init__(self, fn: Callable[[Batch], None], layers: str | Sequence[str]):
+        self.fn = fn
+        self.layers = (layers,) if isinstance(layers, str) else tuple(layers)
+
+    def __call__(self, batch: Batch) -> None:
+        self.fn(batch)
+
+
+class StoreWriter:
+    """Consumer that records layers into an :class:`ActivationStore`, off the main thread.
+
+    The store is created at the first batch (when the layer shapes are known) or, if it
+    already exists, checked against this run's identity at once and resumed: samples of
+    complete blocks are skipped. Conversion to the storage dtype, the zarr write, the
+    fsync and the manifest entry happen in a background thread, overlapping the next
+    forward pass. ``attrs`` holds the provenance (model, model_hash, source,
+    source_fingerprint, seed); other options go to :meth:`ActivationStore.create`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        layers: str | Sequence[str],
+        *,
+        samples: int,
+        dtype: str = "float32",
+        attrs: Mapping[str, Any] | None = None,
+        sample_ids: Sequence[int] | np.ndarray | None = None,
+        block_samples: int | None = None,
+        chunk_samples: int | None = None,
+        compressor: str | None = None,
+        storage_options: dict | None = None,
+        queue_size: int = 4,
+    ):
+        self.path = os.fspath(path)
+        self.layers = (layers,) if isinstance(layers, str) else tuple(layers)
+        self.samples = int(samples)
+        storage_dtype(dtype)
+        self.options: dict[str, Any] = {
+            "dtype": dtype,
+            "attrs": dict(attrs or {}),
+            "sample_ids": sample_ids,
+            "block_samples": block_samples,
+            "chunk_samples": chunk_samples,
+            "compressor": compressor,
+            "storage_options": storage_options,
+        }
+        self.store: ActivationStore | None = None
+        self._done_blocks: set[int] = set()
+        have = read_identity(self.path, storage_options)
+        if have is not None:
+            wanted = {
+                **{k: v for k, v in self.options["attrs"].items()},
+                "layers": list(self.layers),
+                "samples": self.samples,
+                "dtype": dtype,
+                "chunk_samples": chunk_samples,
+                "compressor": compressor,
+            }
+            if block_samples is not None:
+                wanted["block_samples"] = block_samples
+            check_identity(self.path, have, wanted)
+            with contextlib.suppress(StoreError):
+                self.store = ActivationStore.open(self.path, "r+", storage_options)
+                self._done_blocks = set(self.store.completed_blocks().tolist())
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._filled: dict[int, int] = {}
+
+    def resume_batch(self, batch_size: int) -> int:
+        """First batch number holding a sample of an incomplete block."""
+        if self.store is None:
+            return 0
+        missing = self.store.missing_blocks()
+        if len(missing) == 0:
+            return -(-self.samples // batch_size)
+        return self.store.block_range(int(missing[0]))[0] // batch_size
+
+    def __call__(self, batch: Batch) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.store is None:
+            shapes = {name: tuple(batch.acts[name].shape[1:]) for name in self.layers}
+            self.store = ActivationStore.open_or_create(
+                self.path, layers=shapes, samples=self.samples, **self.options
+            )
+            self._done_blocks = set(self.store.completed_blocks().tolist())
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="nethook-store-writer")
+            self._thread.daemon = True
+            self._thread.start()
+        acts = {}
+        for name in self.layers:
+            t = batch.acts[name].detach()
+            if t.device.type != "cpu":  # narrow on the device, move fewer bytes
+                t = t.to(
+                    torch.bfloat16
+                    if self.store.dtype == "bfloat16"
+                    else getattr(torch, self.store.dtype)
+                ).cpu()
+            acts[name] = t
+        self._put((batch.start, acts))
+
+    def _put(self, item: Any) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                self._absorb(*item)
+        except BaseException as exc:  # handed to the main thread
+            self._error = exc
+
+    def _absorb(self, start: int, acts: dict[str, torch.Tensor]) -> None:
+        store = self.store
+        assert store is not None
+        size = store.block_samples
+        n = next(iter(acts.values())).shape[0]
+        converted = {name: to_storage(t, store.dtype) for name, t in acts.items()}
+        pos = start
+        while pos < start + n:
+            block = pos // size
+            b_start, b_stop = store.block_range(block)
+            take = min(b_stop, start + n) - pos
+            if block not in self._done_blocks:
+                if block not in self._buffers:
+                    self._buffers[block] = {
+                        name: np.empty((b_stop - b_start, *c.shape[1:]), c.dtype)
+                        for name, c in converted.items()
+                    }
+                    self._filled[block] = 0
+                for name, c in converted.items():
+                    self._buffers[block][name][pos - b_start : pos - b_start + take] = c[
+                        pos - start : pos - start + take
+                    ]
+                self._filled[block] += take
+                if self._filled[block] == b_stop - b_start:
+                    store.write_block(block, self._buffers.pop(block))
+                    del self._filled[block]
+                    self._done_blocks.add(block)
+            pos += take
+
+    def close(self) -> None:
+        """Write every buffered complete block and stop the writer thread."""
+        self._stop()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop the writer thread after the blocks already queued (errors are dropped)."""
+        with contextlib.suppress(BaseException):
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._put(None)
+            self._thread.join()
+        self._thread = None
+
+
+# ---- checkpoints ---------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write a nested dict of numpy arrays and JSON-able leaves to ``path`` (.npz), atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    plain: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if not value:
+                plain[prefix] = {}
+            for k, v in value.items():
+                if "/" in str(k):
+                    raise ValueError(f"checkpoint key {k!r} contains '/'")
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            arrays[prefix] = value.detach().cpu().numpy()
+        elif isinstance(value, np.ndarray):
+            arrays[prefix] = value
+        elif isinstance(value, np.generic):
+            plain[prefix] = value.item()
+        else:
+            plain[prefix] = value
+
+    walk("", state)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, __plain__=np.array(json.dumps(plain)), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` back into a nested dict."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        *parents, last = key.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+
+    with np.load(path, allow_pickle=False) as data:
+        for key, value in json.loads(str(data["__plain__"])).items():
+            put(key, value)
+        for key in data.files:
+            if key != "__plain__":
+                put(key, data[key])
+    return out
+
+
+class Checkpoint:
+    """Periodic, atomic checkpoints of the stateful consumers of a run."""
+
+    def __init__(self, path: str | os.PathLike, every: int = 100, key: str | None = None):
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {every}")
+        self.path = Path(path)
+        self.every = every
+        self.key = key
+
+    def meta(self, batch_size: int, start: int, samples: int, names: Iterable[str]) -> dict:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "batch_size": batch_size,
+            "start": start,
+            "samples": samples,
+            "consumers": sorted(names),
+            "key": self.key or "",
+        }
+
+    def load(self, meta: dict) -> tuple[int, dict[str, Any]] | None:
+        """Return ``(batches_done, states)`` if a matching checkpoint exists."""
+        if not self.path.exists():
+            return None
+        saved = load_checkpoint(self.path)
+        have = saved.get("meta", {})
+        diffs = [
+            f"{k}: checkpoint has {have.get(k)!r}, this run has {v!r}"
+            for k, v in meta.items()
+            if _plain(have.get(k)) != _plain(v)
+        ]
+        if diffs:
+            raise ValueError(
+                f"checkpoint {self.path} belongs to a different run ("
+                + "; ".join(diffs)
+                + "); delete it or pass another checkpoint path"
+            )
+        return int(saved["batches_done"]), saved.get("states", {})
+
+    def save(self, meta: dict, batches_done: int, states: dict[str, Any]) -> None:
+        save_checkpoint(self.path, {"meta": meta, "batches_done": batches_done, "states": states})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# ---- the loop ------------------------------------------------------------------------
+
+
+def _as_dict(consumers: Mapping[str, Any] | Sequence[Any] | Any) -> dict[str, Any]:
+    if isinstance(consumers, Mapping):
+        out = {str(k): v for k, v in consumers.items()}
+    elif isinstance(consumers, Sequence):
+        out = {str(i): c for i, c in enumerate(consumers)}
+    else:
+        out = {"0": consumers}
+    for name, c in out.items():
+        if not callable(c) or not hasattr(c, "layers"):
+            raise TypeError(
+                f"consumer {name!r} ({type(c).__name__}) is not a consumer: expected a "
+                "callable with a `layers` attribute (wrap functions in FunctionConsumer)"
+            )
+    return out
+
+
+def _stateful(c: Any) -> bool:
+    return hasattr(c, "state_dict") and hasattr(c, "load_state_dict")
+
+
+def _needed_layers(consumers: Mapping[str, Any], layers: Sequence[str] | None) -> list[str]:
+    if layers is not None:
+        return list(layers)
+    return list(dict.fromkeys(name for c in consumers.values() for name in c.layers))
+
+
+def default_inputs(source: Any, device: torch.device | str | None) -> Callable[[Any], Any]:
+    """How a source batch becomes the model's input.
+
+    A concept-source dict gives ``image`` normalized with ``source.normalization``; a
+    tuple/list gives its first element; a tensor is used as is. The result is moved to
+    ``device``.
+    """
+    norm = getattr(source, "normalization", None)
+    mean = std = None
+    if norm is not None:
+        mean = torch.tensor(norm[0], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(norm[1], dtype=torch.float32).view(1, -1, 1, 1)
+
+    def inputs(data: Any) -> Any:
+        if isinstance(data, Mapping):
+            x = data["image"]
+            if mean is not None:
+                x = (x - mean.to(x.device)) / std.to(x.device)
+        elif isinstance(data, list | tuple):
+            x = data[0]
+        else:
+            x = data
+        return x.to(device) if device is not None else x
+
+    return inputs
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def run(
+    model: torch.nn.Module,
+    source: Dataset,
+    consumers: Mapping[str, Consumer] | Sequence[Consumer] | Consumer,
+    *,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 32,
+    samples: int | None = None,
+    start: int = 0,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
+    inputs: Callable[[Any], Any] | None = None,
+    device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    checkpoint_every: int = 100,
+    checkpoint_key: str | None = None,
+    clone: bool | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "running",
+) -> dict[str, Any]:
+    """Run ``model`` over samples ``start .. start+samples`` of ``source`` and feed consumers.
+
+    Batches come in source order (a ``DataLoader`` without shuffling; ``num_workers``
+    processes load them). The model runs under ``torch.no_grad()`` and
+    ``TraceDict(model, layers, stop=True)``, so the forward pass ends after the last
+    needed layer (default: every layer a consumer names). ``clone`` copies the traced
+    outputs (default: when several layers are traced, so in-place ops downstream of
+    one cannot change it). With ``checkpoint`` (a path), stateful consumers are saved
+    every ``checkpoint_every`` batches and a rerun resumes from the last save;
+    ``checkpoint_key`` (e.g. a content key of model and source) must match to resume.
+    Returns the consumers, by name.
+    """
+    from nethook.trace import TraceDict
+
+    consumers = _as_dict(consumers)
+    layers = _needed_layers(consumers, layers)
+    if not layers:
+        raise ValueError("no layers to trace: name them in `layers` or in the consumers")
+    total = len(source) - start if samples is None else int(samples)
+    if not 0 <= start or total < 1 or start + total > len(source):
+        raise ValueError(
+            f"samples {start}..{start + total - 1} are not in the source, which has "
+            f"{len(source)} samples"
+        )
+    device = torch.device(device) if device is not None else _model_device(model)
+    inputs = inputs or default_inputs(source, device)
+    clone = len(layers) > 1 if clone is None else clone
+    collate_fn = collate_fn or getattr(source, "collate", None)
+    positions = np.arange(start, start + total)
+
+    def make_batches(first: int) -> Iterator[Batch]:
+        subset = Subset(source, positions[first * batch_size :].tolist())
+        loader = DataLoader(
+            subset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        offset = first * batch_size
+        with torch.no_grad():
+            for number, data in enumerate(loader, start=first):
+                x = inputs(data)
+                with TraceDict(model, layers, stop=True, clone=clone, detach=True) as traces:
+                    model(x)
+                acts = {name: traces[name].output for name in layers}
+                n = next(iter(acts.values())).shape[0]
+                pos = torch.as_tensor(positions[offset : offset + n])
+                yield Batch(acts, data, pos, offset, number)
+                offset += n
+
+    return _drive(
+        make_batches,
+        consumers,
+        total=total,
+        batch_size=batch_size,
+        start=start,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        checkpoint_key=checkpoint_key,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def run_store(
+    store: ActivationStore | str | os.PathLike,
+    consumers: Mapping[str, Consumer] | Sequence[Consumer] | Consumer,
+    *,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 32,
+    source: Dataset | None = None,
+    num_workers: int = 0,
+    collate_fn: Callable | None = None,
+    device: torch.device | str = "cpu",
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    checkpoint_every: int = 100,
+    checkpoint_key: str | None = None,
+    verify: bool = True,
+    progress: bool = True,
+    desc: str = "reading store",
+) -> dict[str, Any]:
+    """Feed consumers from a complete store instead of the model (a second pass from disk).
+
+    Batches have the same positions as in :func:`run` with the same ``batch_size``;
+    activations arrive as float32 tensors on ``device``. With ``source`` given, each
+    batch's ``data`` holds that source's items for the same samples (e.g. labels for
+    dissection). Blocks are read (and their checksums verified) in a background thread.
+    """
+    if not isinstance(store, ActivationStore):
+        store = ActivationStore.open(store)
+    consumers = _as_dict(consumers)
+    layers = _needed_layers(consumers, layers)
+    for name in layers:
+        store.layer_info(name)
+    missing = store.missing_blocks()
+    if len(missing):
+        gaps = store.summary()["missing_ranges"]
+        raise StoreError(
+            f"store {store.path} is incomplete (samples missing: "
+            + ", ".join(f"{a}..{b - 1}" for a, b in gaps)
+            + "); finish the recording before a second pass"
+        )
+    total = store.samples
+    sample_ids = store.sample_ids()
+
+    def make_batches(first: int) -> Iterator[Batch]:
+        blocks = _prefetch(_read_blocks(store, layers, first * batch_size, verify))
+        labels = None
+        if source is not None:
+            subset = Subset(source, sample_ids[first * batch_size :].tolist())
+            labels = iter(
+                DataLoader(
+                    subset,
+                    batch_size=batch_size,
+                    shuffle=False,
+                    num_workers=num_workers,
+                    collate_fn=collate_fn or getattr(source, "collate", None),
+                )
+            )
+        pending: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        have = 0
+        offset = first * batch_size
+        number = first
+        for block in blocks:
+            for name in layers:
+                pending[name].append(block[name])
+            have += next(iter(block.values())).shape[0]
+            while have >= batch_size or (have and offset + have == total):
+                n = min(batch_size, have)
+                acts = {}
+                for name in layers:
+                    joined = (
+                        np.concatenate(pending[name])
+                        if len(pending[name]) > 1
+                        else pending[name][0]
+                    )
+                    acts[name] = torch.from_numpy(np.ascontiguousarray(joined[:n])).to(device)
+                    pending[name] = [joined[n:]] if n < joined.shape[0] else []
+                have -= n
+                data = next(labels) if labels is not None else None
+                pos = torch.as_tensor(sample_ids[offset : offset + n])
+                yield Batch(acts, data, pos, offset, number)
+                offset += n
+                number += 1
+
+    return _drive(
+        make_batches,
+        consumers,
+        total=total,
+        batch_size=batch_size,
+        start=0,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        checkpoint_key=checkpoint_key,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def _read_blocks(
+    store: ActivationStore, layers: Sequence[str], first_sample: int, verify: bool
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yield float32 data of every layer from ``first_sample`` on, block by block."""
+    first_block = first_sample // store.block_samples
+    for block in range(first_block, store.n_blocks):
+        b_start, _ = store.block_range(block)
+        out = {}
+        for name in layers:
+            raw = store.read_block(name, block, verify=verify, decode=False)
+            values = from_storage(raw, store.dtype).astype(np.float32, copy=False)
+            out[name] = values[max(0, first_sample - b_start) :]
+        yield out
+
+
+def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``items`` in a background thread, ``depth`` items ahead."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:
+            q.put(_Failure(exc))
+
+    thread = threading.Thread(target=work, name="nethook-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Failure:
+    exc: BaseException = field()
+
+
+def _drive(
+    make_batches: Callable[[int], Iterator[Batch]],
+    consumers: dict[str, Any],
+    *,
+    total: int,
+    batch_size: int,
+    start: int,
+    checkpoint: str | os.PathLike | Checkpoint | None,
+    checkpoint_every: int,
+    checkpoint_key: str | None,
+    progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    """The shared loop: resume, feed consumers, checkpoint, show progress, close."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_batches = -(-total // batch_size)
+    stateful = {name: c for name, c in consumers.items() if _stateful(c)}
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = (
+            checkpoint
+            if isinstance(checkpoint, Checkpoint)
+            else Checkpoint(checkpoint, checkpoint_every, checkpoint_key)
+        )
+    meta = ckpt.meta(batch_size, start, total, stateful) if ckpt else {}
+    done = 0
+    if ckpt is not None:
+        loaded = ckpt.load(meta)
+        if loaded is not None:
+            done, states = loaded
+            for name, c in stateful.items():
+                c.load_state_dict(states[name])
+    starts = {}
+    for name, c in consumers.items():
+        if hasattr(c, "resume_batch"):
+            starts[name] = int(c.resume_batch(batch_size))
+        elif name in stateful:
+            starts[name] = done
+    first = min(starts.values(), default=0)
+    for name in consumers:
+        starts.setdefault(name, first)
+    failed = True
+    last_saved = done
+    number = first
+    try:
+        if first < n_batches:
+            with tqdm(
+                total=total,
+                initial=min(first * batch_size, total),
+                unit="sample",
+                desc=desc,
+                disable=not progress,
+                dynamic_ncols=True,
+            ) as bar:
+                for batch in make_batches(first):
+                    for name, c in consumers.items():
+                        if batch.number >= starts[name]:
+                            c(batch)
+                    number = batch.number + 1
+                    bar.update(len(batch))
+                    if ckpt is not None and stateful and number % ckpt.every == 0:
+                        _save(ckpt, meta, number, stateful, starts)
+                        last_saved = number
+        failed = False
+    finally:
+        for c in consumers.values():
+            if failed and hasattr(c, "abort"):
+                c.abort()
+            elif not failed and hasattr(c, "close"):
+                c.close()
+    if ckpt is not None and stateful and n_batches > last_saved:
+        _save(ckpt, meta, n_batches, stateful, starts)
+    return consumers
+
+
+def _save(
+    ckpt: Checkpoint, meta: dict, number: int, stateful: dict[str, Any], starts: dict[str, int]
+) -> None:
+    if any(starts[name] > number for name in stateful):
+        return  # some consumer has not reached this batch yet; its state would be ahead
+    ckpt.save(meta, number, {name: c.state_dict() for name, c in stateful.items()})
