@@ -186,10 +186,11 @@ def parse_kwargs(arg: str, positional: Sequence[str] = ()) -> dict[str, Any]:
     result: dict[str, Any] = {}
     items = [item.strip() for item in arg.split(",")] if arg.strip() else []
     names = list(positional)
+    keywords_started = False
     for i, item in enumerate(items):
         key, eq, value = item.partition("=")
         if not eq:
-            if result or not names:
+            if keywords_started or not names:
                 expected = (
                     f"{', '.join(positional)} first, then key=value" if positional else "key=value"
                 )
@@ -199,6 +200,7 @@ def parse_kwargs(arg: str, positional: Sequence[str] = ()) -> dict[str, Any]:
                 )
             result[names.pop(0)] = item
             continue
+        keywords_started = True
         key = key.strip()
         if not key.isidentifier():
             raise ValueError(
@@ -249,9 +251,14 @@ class NethookPluginManager(pluggy.PluginManager):
     def load_entry_points(
         self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None
     ) -> None:
-        """Load and register every entry point of group ``nethook`` (or those given)."""
+        """Load and register every entry point of group ``nethook`` (or those given, in order).
+
+        Installed entry points load sorted by name, then distribution, so listings and
+        messages do not depend on the order of ``sys.path``.
+        """
         if entry_points is None:
-            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+            found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+            entry_points = sorted(found, key=lambda ep: (ep.name, _distribution(ep)[0] or ""))
         for entry_point in entry_points:
             self.load_entry_point(entry_point)
 
