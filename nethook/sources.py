@@ -33,6 +33,7 @@ __all__ = [
     "CONCEPT_COLUMNS",
     "IMAGENET_NORMALIZATION",
     "ConceptSource",
+    "Normalization",
     "Segmenter",
     "SegmentedSource",
     "collate",
