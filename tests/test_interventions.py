@@ -1,0 +1,256 @@
+"""Interventions change exactly the units and region they name, and round-trip through JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from nethook import Trace, interventions
+from nethook.interventions import (
+    Ablate,
+    AddDirection,
+    Intervention,
+    PartialAblate,
+    PartialInsert,
+    Replace,
+    Scale,
+    from_json,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def conv_case(draw):
+    """A conv-shaped output, a unit subset, an optional mask of 0/1 or fractions, and per-unit values."""
+    b, c, h, w = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 6)),
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 4)),
+    )
+    units = draw(st.lists(st.integers(0, c - 1), min_size=1, max_size=c, unique=True))
+    kind = draw(st.sampled_from(["none", "binary", "soft"]))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+    if kind == "none":
+        mask = None
+    elif kind == "binary":
+        mask = (torch.rand(h, w, generator=gen) < 0.5).double()
+    else:
+        mask = torch.rand(h, w, generator=gen, dtype=torch.float64)
+    alpha = torch.rand(len(units), generator=gen, dtype=torch.float64).tolist()
+    values = (torch.randn(len(units), generator=gen, dtype=torch.float64) * 3).tolist()
+    return x, units, mask, alpha, values
+
+
+def expected_edit(x, units, mask, rule):
+    """Apply ``rule(unit_index, r) -> new value`` unit by unit, blending with the mask by hand."""
+    out = x.clone()
+    m = torch.ones(x.shape[2:], dtype=x.dtype) if mask is None else mask
+    for i, u in enumerate(units):
+        r = x[:, u]
+        out[:, u] = (1 - m) * r + m * rule(i, r)
+    return out
+
+
+def untouched(units, c):
+    return [u for u in range(c) if u not in units]
+
+
+@SETTINGS
+@given(conv_case())
+def test_ablate_zeroes_exactly_the_units_in_the_mask(case):
+    x, units, mask, _, _ = case
+    got = Ablate(units, mask=mask).apply(x)
+    torch.testing.assert_close(got, expected_edit(x, units, mask, lambda i, r: 0 * r))
+    others = untouched(units, x.shape[1])
+    assert torch.equal(got[:, others], x[:, others])
+    if mask is not None:
+        assert torch.all(got[:, units][..., mask == 1] == 0)
+        assert torch.equal(got[:, units][..., mask == 0], x[:, units][..., mask == 0])
+
+
+@SETTINGS
+@given(conv_case())
+def test_replace_scale_and_add(case):
+    x, units, mask, alpha, values = case
+    got = Replace(units, values=values, mask=mask).apply(x)
+    torch.testing.assert_close(
+        got, expected_edit(x, units, mask, lambda i, r: torch.full_like(r, values[i]))
+    )
+    got = Scale(units, factor=values, mask=mask).apply(x)
+    torch.testing.assert_close(got, expected_edit(x, units, mask, lambda i, r: values[i] * r))
+    direction = torch.arange(x.shape[1], dtype=x.dtype) - 1.5
+    got = AddDirection(direction=direction, scale=0.5, mask=mask).apply(x)
+    all_units = list(range(x.shape[1]))
+    want = expected_edit(x, all_units, mask, lambda i, r: r + 0.5 * direction[i])
+    torch.testing.assert_close(got, want)
+
+
+@SETTINGS
+@given(conv_case())
+def test_partial_ablation_and_insertion_follow_the_thesis(case):
+    """GAN Dissection: ablation (1 - a p) r, insertion (1 - a p) r + a p k, p the mask."""
+    x, units, mask, alpha, values = case
+    p = torch.ones(x.shape[2:], dtype=x.dtype) if mask is None else mask
+    got = PartialAblate(units, alpha=alpha, mask=mask).apply(x)
+    got_insert = PartialInsert(units, values=values, alpha=alpha, mask=mask).apply(x)
+    want = x.clone()
+    want_insert = x.clone()
+    for i, u in enumerate(units):
+        ap = alpha[i] * p
+        want[:, u] = (1 - ap) * x[:, u]
+        want_insert[:, u] = (1 - ap) * x[:, u] + ap * values[i]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_insert, want_insert)
+
+
+@SETTINGS
+@given(
+    t=st.integers(1, 6),
+    c=st.integers(1, 5),
+    data=st.data(),
+)
+def test_token_positions_on_sequence_outputs(t, c, data):
+    units = data.draw(st.lists(st.integers(0, c - 1), min_size=1, unique=True))
+    positions = data.draw(st.lists(st.integers(0, t - 1), min_size=1, unique=True))
+    x = torch.randn(2, t, c)
+    got = Ablate(units, positions=positions).apply(x)
+    for pos in range(t):
+        for u in range(c):
+            if pos in positions and u in units:
+                assert torch.all(got[:, pos, u] == 0)
+            else:
+                assert torch.equal(got[:, pos, u], x[:, pos, u])
+
+
+def test_vector_outputs_use_the_last_dim():
+    x = torch.randn(4, 6)
+    got = Scale([1, 4], factor=[2.0, -1.0]).apply(x)
+    want = x.clone()
+    want[:, 1] *= 2
+    want[:, 4] *= -1
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(Ablate([0], channel_dim=0).apply(x)[0], torch.zeros(6))
+
+
+def test_input_is_not_modified_and_grad_flows():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    before = x.detach().clone()
+    Ablate([1]).apply(x).sum().backward()
+    assert torch.equal(x.detach(), before)
+    assert torch.all(x.grad[:, 1] == 0) and torch.all(x.grad[:, [0, 2]] == 1)
+
+
+def test_intervention_as_edit_output_changes_the_downstream_result():
+    """Unit 2 of the conv is the only one the readout sees; ablating it leaves the bias."""
+    conv = nn.Conv2d(1, 4, 1)
+    readout = nn.Linear(4, 1)
+    with torch.no_grad():
+        readout.weight.zero_()
+        readout.weight[0, 2] = 1.0
+        readout.bias.fill_(0.25)
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), readout)
+    x = torch.randn(3, 1, 5, 5)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), torch.full((3, 1), 0.25))
+        with Trace(model, "0", edit_output=Ablate([2])):
+            y = model(x)
+        torch.testing.assert_close(y, torch.full((3, 1), 0.25))
+        with Trace(model, "0", edit_output=Ablate([0, 1, 3])):
+            y = model(x)
+        torch.testing.assert_close(y, model(x))
+
+
+def test_tuple_outputs_edit_the_first_tensor_and_keep_the_rest():
+    out = (torch.ones(2, 3, 4), None, torch.ones(1))
+    got = Ablate([1])(out, "blocks.0")
+    assert got[1] is None and got[2] is out[2]
+    assert torch.all(got[0][..., 1] == 0) and torch.all(got[0][..., [0, 2, 3]] == 1)
+    got = Ablate([0])({"hidden": torch.ones(2, 2), "other": torch.ones(2, 2)})
+    assert torch.all(got["hidden"][:, 0] == 0) and torch.all(got["other"] == 1)
+
+
+INSTANCES = [
+    Ablate([3, 7]),
+    Ablate([0], mask=[[0, 1], [1, 0.5]]),
+    Replace([1, 2], values=[0.5, -2.0], positions=[0, 3]),
+    Scale([5], factor=3.0),
+    AddDirection(direction=[0.1, -0.2, 0.3], scale=2.0),
+    PartialAblate([0, 1], alpha=[0.25, 1.0]),
+    PartialInsert(list(range(20)), values=2.0, alpha=0.5, mask=[[1, 0]]),
+]
+
+
+@pytest.mark.parametrize("obj", INSTANCES, ids=lambda o: type(o).__name__)
+def test_json_round_trip(obj):
+    text = json.dumps(obj.to_json())
+    back = from_json(json.loads(text))
+    assert type(back) is type(obj) and back == obj
+    x = torch.randn(2, 20, 2, 2) if obj.positions is None else torch.randn(2, 4, 20)
+    if isinstance(obj, AddDirection):
+        x = torch.randn(2, 3, 2, 2)
+    if obj.mask is not None:
+        x = torch.randn(2, 20, *torch.as_tensor(obj.mask).shape)
+    torch.testing.assert_close(back.apply(x), obj.apply(x))
+
+
+@SETTINGS
+@given(
+    units=st.lists(st.integers(0, 500), min_size=1, max_size=50, unique=True),
+    alpha=st.floats(0, 1),
+    values=st.floats(-1e6, 1e6),
+)
+def test_json_round_trip_hypothesis(units, alpha, values):
+    obj = PartialInsert(units, values=values, alpha=alpha)
+    assert from_json(json.loads(json.dumps(obj.to_json()))) == obj
+
+
+def test_repr_is_readable():
+    assert repr(Ablate([3, 7])) == "Ablate(units=[3, 7])"
+    assert repr(Scale([1], factor=2)) == "Scale(units=[1], factor=2.0)"
+    long = repr(PartialAblate(list(range(100)), alpha=0.5))
+    assert long.startswith("PartialAblate(units=[0, 1, 2, 3, 4, 5, ... (100)]") and len(long) < 80
+    assert "2x2 mask, 3 on" in repr(Ablate([0], mask=[[1, 1], [1, 0]]))
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        PartialAblate([0], alpha=1.5)
+    with pytest.raises(ValueError, match="units must be channel indices"):
+        Ablate([-1])
+    with pytest.raises(ValueError, match="mask or token positions"):
+        Ablate([0], mask=[[1]], positions=[0])
+    with pytest.raises(ValueError, match="layer 'layer4'.*unit 9 out of range for 4 channels"):
+        Ablate([9])(torch.zeros(1, 4, 2, 2), "layer4")
+    with pytest.raises(ValueError, match=r"mask has shape \[2, 2\].*spatial shape \[3, 3\]"):
+        Ablate([0], mask=[[1, 0], [0, 1]]).apply(torch.zeros(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="values has 2 values for 1 units"):
+        Replace([0], values=[1.0, 2.0]).apply(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="unknown intervention type 'Nope'"):
+        from_json({"type": "Nope"})
+
+
+def test_registry_accepts_new_kinds():
+    @interventions.register(name="Negate")
+    class Negate(Intervention):
+        """Flip the sign of the units."""
+
+        def target(self, r, shape):
+            return -r
+
+    try:
+        obj = from_json({"type": "Negate", "units": [1]})
+        assert isinstance(obj, Negate) and obj.to_json() == {"type": "Negate", "units": [1]}
+        torch.testing.assert_close(obj.apply(torch.ones(1, 2)), torch.tensor([[1.0, -1.0]]))
+    finally:
+        interventions.REGISTRY.pop("Negate")
+    with pytest.raises(TypeError):
+        interventions.register(int)
