@@ -112,7 +112,11 @@ def collate(items: list[dict]) -> dict:
     """
     if not items:
         raise ValueError("collate: empty batch")
-    images = torch.stack([torch.as_tensor(it["image"]) for it in items])
+    images = [torch.as_tensor(it["image"]) for it in items]
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"collate: images have different shapes {sorted(shapes)}")
+    images = torch.stack(images)
     labels: dict[str, torch.Tensor] = {}
     for cat in dict.fromkeys(c for it in items for c in it.get("labels", {})):
         present = [it["labels"][cat] for it in items if cat in it.get("labels", {})]
