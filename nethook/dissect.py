@@ -35,12 +35,21 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import xarray as xr
+from torch import nn
+
+from nethook.rotation import Rotate
+from nethook.stats.base import flatten
+from nethook.stats.iou import IoU
+from nethook.stats.quantile import Quantile
+from nethook.upsample import Geometry, infer_geometry, upsample
 
 DEFAULT_QUANTILE = 0.005
 DEFAULT_MIN_IOU = 0.04
@@ -223,3 +232,324 @@ def _rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the pipeline ----------------------------------------------------------------------
+
+
+class _UnitConsumer:
+    """Feed one layer's (optionally rotated) activations to a stat; checkpointable."""
+
+    def __init__(self, stat, layer: str, prepare: Callable[[torch.Tensor], torch.Tensor]):
+        self.stat = stat
+        self.layer = layer
+        self.layers = (layer,)
+        self.prepare = prepare
+
+    def __call__(self, batch) -> None:
+        self.stat.update(flatten(self.prepare(batch.acts[self.layer])))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stat.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.stat.load_state_dict(sd)
+
+
+class _TopImages(_UnitConsumer):
+    """Per unit, the images with the largest maximum activation (for galleries)."""
+
+    def __call__(self, batch) -> None:
+        acts = self.prepare(batch.acts[self.layer])
+        peak = acts.flatten(2).amax(2) if acts.ndim > 2 else acts
+        self.stat.update(peak, batch.positions.to(peak.device))
+
+
+class _IoUTally(_UnitConsumer):
+    """Upsample a layer's maps to the label resolution and tally IoU against the labels."""
+
+    def __init__(self, stat: IoU, layer: str, prepare, thresholds: torch.Tensor, geometry):
+        super().__init__(stat, layer, prepare)
+        self.thresholds = thresholds
+        self.geometry = geometry
+
+    def __call__(self, batch) -> None:
+        acts = self.prepare(batch.acts[self.layer])
+        data = batch.data
+        image = data["image"]
+        labels = {k: v.to(acts.device) for k, v in data["labels"].items()}
+        label_size = next(iter(labels.values())).shape[-2:] if labels else image.shape[-2:]
+        maps = upsample(acts, tuple(label_size), tuple(image.shape[-2:]), self.geometry)
+        image_labels = {k: v.to(acts.device) for k, v in data.get("image_labels", {}).items()}
+        self.stat.update(
+            maps,
+            labels or torch.zeros((len(maps), 1, *label_size), dtype=torch.int64),
+            image_labels or None,
+            thresholds=self.thresholds.to(maps.device, maps.dtype),
+        )
+
+
+def dissect(
+    model: nn.Module | str,
+    layers: str | Sequence[str],
+    source: Any,
+    *,
+    out: str | Path | None = None,
+    weights: str | Path | None = None,
+    quantile: float = DEFAULT_QUANTILE,
+    min_iou: float = DEFAULT_MIN_IOU,
+    batch_size: int = 32,
+    samples: int | None = None,
+    topk: int = 5,
+    gallery_size: int | None = 64,
+    rotate: float | None = None,
+    seed: int = 0,
+    geometry: Mapping[str, Geometry] | None = None,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    checkpoint_every: int = 20,
+    progress: bool = True,
+) -> dict[str, xr.Dataset]:
+    """Dissect ``layers`` of ``model`` on the concept ``source``; return one dataset per layer.
+
+    ``model`` is an ``nn.Module`` or a :func:`nethook.load_model` spec (with
+    ``weights``), ``source`` a concept source or a plugin spec such as
+    ``"scenes:n=2000,size=64,seed=0"``. Per unit: the activation threshold at the
+    top ``quantile`` (over all positions of all images), the IoU of its upsampled,
+    thresholded map with every concept (category-conditioned), its best concept,
+    and whether it is a detector (IoU > ``min_iou``). ``rotate=alpha`` dissects the
+    layer in a random basis ``Q**alpha`` (seeded by ``seed``; thesis §3.3.2).
+    ``geometry`` overrides the receptive-field geometry per layer (default: inferred
+    where possible, else uniform). Top ``topk`` images per unit are kept, with
+    thumbnails and masks at ``gallery_size`` pixels (``None``: no thumbnails).
+
+    With ``out``, results go to ``out/results.zarr``, ``results.json`` and
+    ``results.csv``, and both passes checkpoint to ``out/checkpoints/``: a killed
+    dissection rerun with the same arguments resumes where it stopped.
+    """
+    from nethook.hashing import content_key, hash_model
+    from nethook.models import load_model
+    from nethook.plugins import get_source
+    from nethook.runner import run
+    from nethook.stats.topk import TopK
+
+    model_spec = model if isinstance(model, str) else type(model).__name__
+    source_spec = source if isinstance(source, str) else type(source).__name__
+    if isinstance(model, str):
+        model = load_model(model, weights=weights)
+    if isinstance(source, str):
+        source = get_source(source)
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer to dissect")
+    if not 0.0 < quantile < 0.5:
+        raise ValueError(f"quantile must be a top share in (0, 0.5), got {quantile}")
+    if rotate is not None and not 0.0 <= rotate <= 1.0:
+        raise ValueError(f"rotate (alpha) must lie in [0, 1], got {rotate}")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    n = len(source) if samples is None else min(int(samples), len(source))
+    concepts = source.concepts()
+    ckpt_dir = Path(out) / "checkpoints" if out is not None else None
+    if ckpt_dir is not None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    key = content_key(
+        model=hash_model(model),
+        source=source.fingerprint(),
+        layers=layers,
+        samples=n,
+        quantile=quantile,
+        rotate=rotate,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    common = dict(
+        batch_size=batch_size,
+        samples=n,
+        num_workers=num_workers,
+        device=device,
+        checkpoint_every=checkpoint_every,
+        checkpoint_key=key,
+        progress=progress,
+    )
+
+    shapes = _layer_shapes(model, layers, source, device)
+    prepare = {layer: _preparer(layer, shapes[layer], rotate, seed) for layer in layers}
+
+    # Pass 1: thresholds (top quantile over every position of every image) and top images.
+    pass1: dict[str, Any] = {}
+    for layer in layers:
+        pass1[f"q/{layer}"] = _UnitConsumer(Quantile(seed=seed), layer, prepare[layer])
+        pass1[f"top/{layer}"] = _TopImages(TopK(topk), layer, prepare[layer])
+    run(
+        model,
+        source,
+        pass1,
+        checkpoint=ckpt_dir / "pass1.npz" if ckpt_dir else None,
+        desc="dissect 1/2: thresholds",
+        **common,
+    )
+    thresholds = {
+        layer: pass1[f"q/{layer}"].stat.quantiles([1.0 - quantile])[:, 0].float()
+        for layer in layers
+    }
+
+    # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.
+    pass2: dict[str, Any] = {}
+    for layer in layers:
+        geo = (geometry or {}).get(layer) or infer_geometry(model, layer)
+        stat = IoU(shapes[layer][1], concepts)
+        pass2[layer] = _IoUTally(stat, layer, prepare[layer], thresholds[layer], geo)
+    run(
+        model,
+        source,
+        pass2,
+        checkpoint=ckpt_dir / "pass2.npz" if ckpt_dir else None,
+        desc="dissect 2/2: IoU",
+        **common,
+    )
+
+    results: dict[str, xr.Dataset] = {}
+    for layer in layers:
+        iou = pass2[layer].stat.iou_xarray().rename({"category": "concept_category"})
+        ds = label_units(iou, min_iou)
+        ds["iou"] = iou.astype(np.float32)
+        ds["threshold"] = ("unit", thresholds[layer].cpu().numpy())
+        values, indices = _top(pass1[f"top/{layer}"].stat)
+        ds["top_index"] = (("unit", "rank"), indices)
+        ds["top_value"] = (("unit", "rank"), values)
+        ds.attrs = {
+            "layer": layer,
+            "model": model_spec,
+            "source": source_spec,
+            "source_fingerprint": source.fingerprint(),
+            "samples": n,
+            "quantile": quantile,
+            "min_iou": min_iou,
+            "rotate": rotate,
+            "seed": seed,
+        }
+        results[layer] = ds
+    if gallery_size:
+        _add_galleries(model, results, source, prepare, gallery_size, device, batch_size)
+    if out is not None:
+        save_results(results, out)
+    return results
+
+
+def _layer_shapes(model: nn.Module, layers: list[str], source, device) -> dict[str, tuple]:
+    """Shape of each layer's output on one sample (``[1, C, ...]``)."""
+    from nethook.runner import FunctionConsumer, run
+
+    shapes: dict[str, tuple] = {}
+
+    def grab(batch) -> None:
+        for layer in layers:
+            act = batch.acts[layer]
+            if not isinstance(act, torch.Tensor) or act.ndim < 2:
+                raise ValueError(
+                    f"layer {layer!r} outputs {type(act).__name__} of shape "
+                    f"{getattr(act, 'shape', None)}; dissection needs [B, C, H, W] tensors"
+                )
+            shapes[layer] = tuple(act.shape)
+
+    run(
+        model,
+        source,
+        FunctionConsumer(grab, layers),
+        batch_size=1,
+        samples=1,
+        device=device,
+        progress=False,
+    )
+    for layer, shape in shapes.items():
+        if len(shape) != 4:
+            raise ValueError(
+                f"layer {layer!r} outputs shape {shape}; dissection needs conv feature maps "
+                "[B, C, H, W]"
+            )
+    return shapes
+
+
+def _preparer(layer: str, shape: tuple, rotate: float | None, seed: int):
+    """The transform applied to a layer's maps before measuring: identity or ``Q**alpha``."""
+    if rotate is None:
+        return _identity
+    return Rotate(shape[1], alpha=rotate, seed=seed)
+
+
+def _identity(x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+    return x
+
+
+def _top(stat) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, sample indices)``, each ``[U, k]``, from a TopK stat."""
+    values, indices = stat.result()
+    return np.asarray(values.cpu(), dtype=np.float32), np.asarray(indices.cpu(), dtype=np.int64)
+
+
+def _add_galleries(model, results, source, prepare, size: int, device, batch_size: int) -> None:
+    """Add ``top_image`` and ``top_mask`` thumbnails (``size`` pixels) to every layer's dataset."""
+    import torch.nn.functional as F
+    from torch.utils.data import Subset
+
+    from nethook.runner import FunctionConsumer, default_inputs, run
+
+    layers = list(results)
+    wanted = np.unique(np.concatenate([ds["top_index"].values.ravel() for ds in results.values()]))
+    wanted = wanted[wanted >= 0]
+    gallery = {}
+    for layer, ds in results.items():
+        u, k = ds["top_index"].shape
+        gallery[layer] = (
+            np.zeros((u, k, size, size, 3), dtype=np.uint8),
+            np.zeros((u, k, size, size), dtype=bool),
+        )
+    thumbs: dict[int, np.ndarray] = {}
+
+    def render(batch) -> None:
+        pos = wanted[batch.positions.cpu().numpy()]
+        images = batch.data["image"]
+        small = F.interpolate(
+            images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        small = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        for i, p in enumerate(pos):
+            thumbs[int(p)] = small[i].cpu().numpy()
+        for layer in layers:
+            ds = results[layer]
+            top = ds["top_index"].values
+            units, ranks = np.nonzero(np.isin(top, pos))
+            if len(units) == 0:
+                continue
+            row = {int(p): i for i, p in enumerate(pos)}
+            which = torch.as_tensor(
+                [row[int(top[u, r])] for u, r in zip(units, ranks, strict=True)]
+            )
+            acts = prepare[layer](batch.acts[layer])
+            maps = acts[which.to(acts.device), torch.as_tensor(units).to(acts.device)]
+            geo = infer_geometry(model, layer)
+            up = upsample(maps[:, None], (size, size), tuple(images.shape[-2:]), geo)[:, 0]
+            thr = torch.as_tensor(ds["threshold"].values[units], device=up.device)
+            masks = (up >= thr[:, None, None]).cpu().numpy()
+            img_store, mask_store = gallery[layer]
+            mask_store[units, ranks] = masks
+            img_store[units, ranks] = np.stack(
+                [thumbs[int(top[u, r])] for u, r in zip(units, ranks, strict=True)]
+            )
+
+    run(
+        model,
+        Subset(source, wanted.tolist()),
+        FunctionConsumer(render, layers),
+        batch_size=batch_size,
+        collate_fn=source.collate,
+        inputs=default_inputs(source, device),
+        device=device,
+        progress=False,
+    )
+    for layer, ds in results.items():
+        images, masks = gallery[layer]
+        ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), images)
+        ds["top_mask"] = (("unit", "rank", "y", "x"), masks)

@@ -4,8 +4,9 @@ Four conv blocks (conv 3 x 3, batch norm, ReLU), max pooling between them, globa
 average pooling and a linear classifier over the ``scenes`` plugin's scene classes.
 It is one ``nn.Sequential`` of named modules, so its layers are ``block1`` ...
 ``block4`` and their receptive-field geometry is known exactly
-(:func:`nethook.upsample.infer_geometry`). It takes images in ``[0, 1]`` and
-normalizes them itself.
+(:func:`nethook.upsample.infer_geometry`). Like any model trained on a concept
+source, it expects images normalized with that source's ``normalization``
+(ImageNet mean and std for ``scenes``).
 """
 
 from __future__ import annotations
@@ -13,30 +14,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-import torch
 from torch import nn
-
-from nethook.upsample import IDENTITY
 
 WEIGHTS = Path(__file__).with_name("scene_cnn.safetensors")
 SCENES = ("street", "farm", "beach", "forest", "park", "kitchen")
-WIDTHS = (32, 64, 96, 128)
+WIDTHS = (16, 32, 64, 128)
 INPUT_SIZE = 64
-
-
-class Normalize(nn.Module):
-    """Subtract a per-channel mean and divide by a std (fixed buffers)."""
-
-    nethook_geometry = IDENTITY
-
-    def __init__(self, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, H, W]`` in [0, 1] -> normalized."""
-        return (x - self.mean) / self.std
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -51,7 +34,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 def build(num_classes: int = len(SCENES), widths: tuple[int, ...] = WIDTHS) -> nn.Sequential:
     """The untrained architecture (the training script and the factory share it)."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict(normalize=Normalize())
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
     c_in = 3
     for i, width in enumerate(widths, start=1):
         layers[f"block{i}"] = _block(c_in, width)
@@ -64,7 +47,7 @@ def build(num_classes: int = len(SCENES), widths: tuple[int, ...] = WIDTHS) -> n
     return nn.Sequential(layers)
 
 
-def scene_cnn(arg: str = "", weights: str | Path | None = None) -> nn.Sequential:
+def scene_cnn(weights: str | Path | None = None) -> nn.Sequential:
     """The trained demo model in eval mode (``load_model("nethook.demo.scene_cnn:scene_cnn")``).
 
     Loads ``weights`` (a safetensors file) or the shipped ``scene_cnn.safetensors``.

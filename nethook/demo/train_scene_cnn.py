@@ -27,15 +27,14 @@ from tqdm.auto import tqdm
 from nethook.demo.scene_cnn import INPUT_SIZE, SCENES, WEIGHTS, build
 
 
-def render(spec: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of a scenes source as uint8 ``[N, 3, H, W]`` and scene class indices ``[N]``."""
+def render(spec: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Images of a scenes source as uint8 ``[N, 3, H, W]``, scene class indices ``[N]``, normalization."""
+    from nethook_plugins.scenes.concepts import scene_id
+
     from nethook.plugins import get_source
 
     source = get_source(spec)
-    table = source.concepts()
-    scene_ids = {
-        int(row.id): SCENES.index(row.name) for row in table[table.category == "scene"].itertuples()
-    }
+    scene_ids = {scene_id(name): i for i, name in enumerate(SCENES)}
     if sorted(scene_ids.values()) != list(range(len(SCENES))):
         raise ValueError(f"source {spec!r} does not publish the scenes {SCENES}")
     images = []
@@ -47,16 +46,30 @@ def render(spec: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor
         if len(ids) != 1:
             raise ValueError(f"image {i} of {spec!r} has scene labels {ids}, expected one")
         targets.append(scene_ids[ids[0]])
-    return torch.stack(images), torch.tensor(targets)
+    return torch.stack(images), torch.tensor(targets), source.normalization
 
 
-def accuracy(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
+class Normalized:
+    """uint8 images -> float images normalized with a source's (mean, std)."""
+
+    def __init__(self, normalization: tuple) -> None:
+        mean, std = normalization
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255 - self.mean) / self.std
+
+
+def accuracy(
+    model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, prep: Normalized
+) -> float:
     """Top-1 accuracy of ``model`` on uint8 images."""
     model.eval()
     correct = 0
     with torch.no_grad():
         for i in range(0, len(images), 256):
-            logits = model(images[i : i + 256].float() / 255)
+            logits = model(prep(images[i : i + 256]))
             correct += int((logits.argmax(1) == targets[i : i + 256]).sum())
     return correct / len(images)
 
@@ -73,8 +86,9 @@ def train(
     """Train from scratch; return the model (eval mode) and a dict of facts for the model card."""
     torch.manual_seed(seed)
     size = INPUT_SIZE
-    x_train, y_train = render(f"scenes:n={train_n},size={size},seed={seed + 1}", progress)
-    x_test, y_test = render(f"scenes:n={test_n},size={size},seed={seed + 1000}", progress)
+    x_train, y_train, norm = render(f"scenes:n={train_n},size={size},seed={seed + 1}", progress)
+    x_test, y_test, _ = render(f"scenes:n={test_n},size={size},seed={seed + 1000}", progress)
+    prep = Normalized(norm)
     model = build()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps = epochs * (train_n // batch_size)
@@ -90,7 +104,7 @@ def train(
         )
         for b in bar:
             idx = order[b * batch_size : (b + 1) * batch_size]
-            x = x_train[idx].float() / 255
+            x = prep(x_train[idx])
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x[flip] = x[flip].flip(-1)
             loss = F.cross_entropy(model(x), y_train[idx])
@@ -106,9 +120,10 @@ def train(
         "epochs": epochs,
         "seed": seed,
         "input_size": size,
-        "train_accuracy": accuracy(model, x_train[:2000], y_train[:2000]),
-        "test_accuracy": accuracy(model, x_test, y_test),
+        "train_accuracy": accuracy(model, x_train[:2000], y_train[:2000], prep),
+        "test_accuracy": accuracy(model, x_test, y_test, prep),
         "train_seconds": round(time.time() - start, 1),
+        "normalization": norm,
         "class_balance_test": np.bincount(y_test.numpy(), minlength=len(SCENES)).tolist(),
     }
     return model.eval(), facts

@@ -1,0 +1,211 @@
+"""Network Dissection end to end on a model whose detectors are planted by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nethook.dissect import dissect, load_results
+from nethook.sources import ConceptSource, concept_frame
+
+SIZE = 32
+N = 40
+RED, BLUE, SKY, GREY, STRIPE = 1, 2, 3, 4, 5
+
+
+class Planted(ConceptSource):
+    """Grey noisy images; 8x8 red squares in images 0-3, blue in 4-7, labels pixel-exact.
+
+    Objects (red, blue, sky) are labelled only in images 0-19, so the object category's
+    union is conditioned on those; every background pixel is "grey" (color). Images
+    20-39 carry a whole-image texture label "stripe" on even indices.
+    """
+
+    categories = ("object", "color")
+    image_categories = ("texture",)
+
+    def __len__(self) -> int:
+        return N
+
+    @property
+    def normalization(self):
+        return ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        image = 0.4 + 0.05 * torch.rand(3, SIZE, SIZE, generator=g)
+        obj = torch.zeros(1, SIZE, SIZE, dtype=torch.int64)
+        color = torch.full((1, SIZE, SIZE), GREY, dtype=torch.int64)
+        y, x = 3 * (i % 7) + 2, 2 * (i % 9) + 3
+        if i < 8:
+            rgb = torch.tensor([1.0, 0.0, 0.0] if i < 4 else [0.0, 0.0, 1.0])
+            image[:, y : y + 8, x : x + 8] = rgb[:, None, None]
+            obj[0, y : y + 8, x : x + 8] = RED if i < 4 else BLUE
+            color[0, y : y + 8, x : x + 8] = 0
+        if i < 20:
+            obj[0, :4] = torch.where(obj[0, :4] == 0, SKY, obj[0, :4])
+        tex = torch.tensor([STRIPE if i >= 20 and i % 2 == 0 else 0])
+        return {
+            "image": image,
+            "labels": {"object": obj, "color": color},
+            "image_labels": {"texture": tex},
+            "index": i,
+        }
+
+    def concepts(self) -> pd.DataFrame:
+        return concept_frame(
+            [RED, BLUE, SKY, GREY, STRIPE],
+            ["redthing", "bluething", "sky", "grey", "stripe"],
+            ["object", "object", "object", "color", "texture"],
+        )
+
+    def fingerprint_parts(self) -> dict:
+        return {"n": N, "size": SIZE}
+
+
+def planted_model() -> nn.Sequential:
+    """Unit 0 fires (0.5) exactly on red pixels, unit 1 on blue, unit 2 on grey noise."""
+    conv = nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, -1, -1], [-1, -1, 1], [1, 1, 1]]).view(3, 3, 1, 1))
+        conv.bias.copy_(torch.tensor([-0.5, -0.5, -1.3]))
+    return nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(2)).eval()
+
+
+def brute_force_iou(masks: np.ndarray, source: Planted) -> dict[int, np.ndarray]:
+    """IoU per concept id, by definition: sums over images carrying the concept's category."""
+    items = [source[i] for i in range(len(source))]
+    table = source.concepts()
+    out = {}
+    for cid, cat in zip(table["id"], table["category"], strict=True):
+        inter = np.zeros(masks.shape[1])
+        union = np.zeros(masks.shape[1])
+        for i, item in enumerate(items):
+            if cat in item["labels"]:
+                lab = item["labels"][cat].numpy()
+                if not (lab > 0).any():
+                    continue
+                concept = (lab == cid).any(0)
+            else:
+                ids = item["image_labels"][cat].numpy()
+                if not (ids > 0).any():
+                    continue
+                concept = np.full(masks.shape[-2:], cid in ids)
+            m = masks[i]
+            inter += (m & concept).sum((1, 2))
+            union += (m | concept).sum((1, 2))
+        out[int(cid)] = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dissected(tmp_path_factory):
+    out = tmp_path_factory.mktemp("planted")
+    model = planted_model()
+    results = dissect(model, ["1", "2"], Planted(), out=out, batch_size=7, topk=3, progress=False)
+    return model, results, out
+
+
+def test_planted_units_get_their_concepts(dissected) -> None:
+    _, results, _ = dissected
+    ds = results["1"]
+    assert ds["label"].values[0] == "redthing"
+    assert ds["label"].values[1] == "bluething"
+    assert ds["label_iou"].values[0] >= 0.9
+    assert ds["label_iou"].values[1] >= 0.9
+    assert ds["threshold"].values[0] == pytest.approx(0.5)
+    assert bool(ds["detector"].values[0]) and bool(ds["detector"].values[1])
+    assert ds["category"].values[0] == "object"
+    # top images of the red unit are exactly the images with a red square
+    assert set(ds["top_index"].values[0]) <= {0, 1, 2, 3}
+    assert set(ds["top_index"].values[1]) <= {4, 5, 6, 7}
+
+
+def test_iou_equals_brute_force(dissected) -> None:
+    model, results, _ = dissected
+    source = Planted()
+    images = torch.stack([source[i]["image"] for i in range(N)])
+    with torch.no_grad():
+        relu = model[:2](images)
+        pooled = model(images)
+    for layer, acts in (("1", relu), ("2", pooled)):
+        ds = results[layer]
+        maps = F.interpolate(acts, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        thr = torch.as_tensor(ds["threshold"].values)
+        masks = (maps >= thr[None, :, None, None]).numpy()
+        expected = brute_force_iou(masks, source)
+        for cid, column in expected.items():
+            got = ds["iou"].sel(concept=cid).values
+            np.testing.assert_allclose(got, column, rtol=1e-6, atol=1e-9, err_msg=f"{layer} {cid}")
+
+
+def test_thresholds_are_top_quantiles(dissected) -> None:
+    model, results, _ = dissected
+    source = Planted()
+    images = torch.stack([source[i]["image"] for i in range(N)])
+    with torch.no_grad():
+        acts = model[:2](images).permute(1, 0, 2, 3).reshape(3, -1).numpy()
+    exact = np.quantile(acts, 0.995, axis=1, method="inverted_cdf")
+    np.testing.assert_allclose(results["1"]["threshold"].values, exact, rtol=1e-3, atol=2e-3)
+
+
+def test_written_results(dissected) -> None:
+    _, results, out = dissected
+    doc = json.loads((out / "results.json").read_text())
+    unit0 = doc["layers"]["1"]["units"][0]
+    assert unit0["label"] == "redthing" and unit0["category"] == "object"
+    assert unit0["iou"] == pytest.approx(float(results["1"]["label_iou"].values[0]))
+    back = load_results(out)
+    np.testing.assert_array_equal(back["2"]["iou"].values, results["2"]["iou"].values)
+    assert back["1"]["top_image"].shape == (3, 3, 32, 32, 3)
+    masks = back["1"]["top_mask"].values[0]
+    assert masks.any() and masks.mean() < 0.2
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monkeypatch) -> None:
+    """Kill pass 2 midway (an exception in the tally); rerunning resumes to the same result."""
+    from nethook.stats import iou as iou_module
+
+    _, reference, _ = dissected
+    real_update = iou_module.IoU.update
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt("killed")
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(iou_module.IoU, "update", flaky)
+    kwargs = dict(out=tmp_path, batch_size=7, topk=3, progress=False, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
+    assert (tmp_path / "checkpoints" / "pass2.npz").exists()
+    monkeypatch.setattr(iou_module.IoU, "update", real_update)
+    resumed = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
+    for layer in ("1", "2"):
+        np.testing.assert_array_equal(resumed[layer]["iou"].values, reference[layer]["iou"].values)
+
+
+def test_rotation_destroys_planted_detectors() -> None:
+    results = dissect(
+        planted_model(), "1", Planted(), rotate=1.0, seed=3, progress=False, gallery_size=None
+    )
+    assert results["1"].attrs["rotate"] == 1.0
+    assert results["1"]["label_iou"].values.max() < 0.9
+
+
+def test_bad_input_is_named() -> None:
+    with pytest.raises(ValueError, match="quantile"):
+        dissect(planted_model(), "1", Planted(), quantile=0.7, progress=False)
+    with pytest.raises(ValueError, match="rotate"):
+        dissect(planted_model(), "1", Planted(), rotate=2.0, progress=False)
+    with pytest.raises(Exception, match="nolayer"):
+        dissect(planted_model(), "nolayer", Planted(), progress=False)
