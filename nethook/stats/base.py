@@ -1,14 +1,16 @@
 """The one protocol every statistic follows, and the registry that rebuilds them.
 
 A stat is a small object with ``update(x)``, ``merge(other)``, ``state_dict()``,
-``load_state_dict(sd)`` and ``to(device)``. ``state_dict()`` returns plain data only:
-a dict whose leaves are numpy arrays or Python scalars/strings, nested dicts allowed,
-always with the keys ``"class"`` (the registered class name) and ``"version"`` (the
-format version). No pickle is ever needed to save or load one.
+``load_state_dict(sd)``, ``to(device)`` and ``to_xarray()``. ``state_dict()`` returns
+plain data only: a dict whose leaves are numpy arrays or Python scalars/strings
+(``bool``, ``int``, ``float``, ``str``), nested dicts with string keys allowed, always
+with the keys ``"class"`` (the registered class name) and ``"version"`` (the format
+version). No pickle is ever needed to save or load one (see ``nethook.stats.persist``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,16 +22,18 @@ _REGISTRY: dict[str, type[Stat]] = {}
 class Stat:
     """Base class of all streaming statistics.
 
-    Subclasses are registered by class name when defined, so
-    :func:`from_state_dict` can rebuild any of them. Set ``version`` to the format
-    version of ``state_dict()``; loading a state of a newer version is refused.
+    Public subclasses are registered by class name when defined, so
+    :func:`from_state_dict` can rebuild any of them (names starting with ``_`` are
+    private helpers and are not registered). Set ``version`` to the format version of
+    ``state_dict()``; loading a state of a newer version is refused.
     """
 
     version: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.__name__] = cls
+        if not cls.__name__.startswith("_"):
+            _REGISTRY[cls.__name__] = cls
 
     def update(self, x: torch.Tensor, *args, **kwargs) -> None:
         """Add a batch of data (``[N, C]`` unless the stat says otherwise)."""
@@ -51,15 +55,34 @@ class Stat:
         """Move internal tensors to ``device``; return ``self``."""
         raise NotImplementedError
 
+    def to_xarray(self, units: Sequence | None = None):
+        """Return the results as an ``xarray.Dataset`` with named dims (``unit``, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} has no xarray view")
+
     def _header(self) -> dict[str, Any]:
         return {"class": type(self).__name__, "version": type(self).version}
 
-    def _check_merge(self, other: Stat) -> None:
+    def _check_merge(self, other: Stat, *fields: str) -> None:
+        """Raise unless ``other`` is the same kind and agrees on every named field.
+
+        A field whose value is ``None`` on either side (e.g. the channel count of a
+        stat that has seen no data yet) is not compared.
+        """
         if type(other) is not type(self):
             raise TypeError(
                 f"cannot merge {type(other).__name__} into {type(self).__name__}: "
                 "stats must be of the same kind"
             )
+        for field in fields:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine is None or theirs is None:
+                continue
+            if not _same(mine, theirs):
+                name = type(self).__name__
+                raise ValueError(
+                    f"cannot merge {name} with {field}={_show(theirs)} into {name} "
+                    f"with {field}={_show(mine)}"
+                )
 
     def _check_header(self, sd: dict[str, Any]) -> None:
         check_header(sd, type(self))
@@ -68,9 +91,24 @@ class Stat:
         return f"{type(self).__name__}()"
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        a, b = torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu()
+        return a.shape == b.shape and bool(torch.equal(a, b.to(a.dtype)))
+    return a == b
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}" if value.numel() > 8 else str(value.tolist())
+    return repr(value)
+
+
 def check_header(sd: dict[str, Any], cls: type[Stat]) -> None:
     """Raise unless ``sd`` is a state of ``cls`` with a version this code can read."""
     name = sd.get("class")
+    if name is not None:
+        name = str(np.asarray(name))
     if name != cls.__name__:
         raise ValueError(f"state_dict is of class {name!r}, expected {cls.__name__!r}")
     version = int(np.asarray(sd.get("version", 0)))
@@ -95,7 +133,7 @@ def from_state_dict(sd: dict[str, Any]) -> Stat:
     if "class" not in sd:
         raise ValueError("state_dict has no 'class' entry; not a nethook stat state")
     cls = stat_class(str(np.asarray(sd["class"])))
-    check_header({**sd, "class": str(np.asarray(sd["class"]))}, cls)
+    check_header(sd, cls)
     stat = cls.__new__(cls)
     stat.load_state_dict(sd)
     return stat
@@ -140,3 +178,18 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         return t.detach().cpu().numpy().copy()
     return np.array(t, copy=True)
+
+
+def as_tensor(a: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    """Return a state array (from ``state_dict``) as a tensor on ``device``, copied."""
+    return torch.tensor(np.asarray(a), device=device)
+
+
+def xr_units(units: Sequence | None, n: int, dim: str = "unit") -> dict[str, Any]:
+    """Coordinates for a channel dim: the given labels, or ``0..n-1``."""
+    if units is None:
+        return {dim: np.arange(n)}
+    units = list(units)
+    if len(units) != n:
+        raise ValueError(f"expected {n} unit labels for dim {dim!r}, got {len(units)}")
+    return {dim: units}
