@@ -113,6 +113,12 @@ def _torchvision_model(spec: str, name: str, extra: str, weights: str | Path | N
         )
     kwargs: dict[str, Any] = {}
     if extra and "=" not in extra:
+        known = _weights_names(name)
+        if extra.upper() not in known:
+            raise ValueError(
+                f"model spec {spec!r}: {extra!r} is neither a weights name of {name} "
+                f"({', '.join(sorted(known))}) nor keyword arguments 'a=1,b=x'"
+            )
         if weights is None:
             raise ValueError(_download_hint(spec, name, extra))
     else:
@@ -122,6 +128,16 @@ def _torchvision_model(spec: str, name: str, extra: str, weights: str | Path | N
         if value not in (None, False) and weights is None:
             raise ValueError(_download_hint(spec, name, str(value)))
     return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _weights_names(name: str) -> set[str]:
+    """The pretrained-weights names torchvision knows for model ``name`` (plus DEFAULT)."""
+    import torchvision
+
+    try:
+        return {w.name for w in torchvision.models.get_model_weights(name)} | {"DEFAULT"}
+    except (KeyError, ValueError):
+        return {"DEFAULT"}
 
 
 def _download_hint(spec: str, name: str, weights_name: str) -> str:
