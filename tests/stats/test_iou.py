@@ -44,15 +44,17 @@ def brute_force(masks, labels, image_labels, concept_category, num_categories):
     return inter, label_area, unit_area, iou
 
 
-def random_case(seed, n, u, h, w, layers, k_img, num_concepts, num_categories, sparsity):
-    """Random masks and labels; ids drawn from the concept table, with unused ids."""
+def random_case(
+    seed, n, u, h, w, layers, k_img, num_concepts, num_categories, sparsity, density=1.0
+):
+    """Random masks (each unit on at most ``density``) and labels from the concept table."""
     rng = np.random.default_rng(seed)
     table = rng.integers(0, num_categories, num_concepts)
     table[0] = -1
     table[rng.random(num_concepts) < 0.2] = -1
     table[1] = 0
     ids = np.nonzero(table >= 0)[0]
-    masks = rng.random((n, u, h, w)) < rng.random((1, u, 1, 1))
+    masks = rng.random((n, u, h, w)) < density * rng.random((1, u, 1, 1))
     labels = rng.choice(ids, (n, layers, h, w))
     labels[rng.random(labels.shape) < sparsity] = 0
     image_labels = rng.choice(ids, (n, k_img))
@@ -60,6 +62,7 @@ def random_case(seed, n, u, h, w, layers, k_img, num_concepts, num_categories, s
     return table, masks, labels, image_labels
 
 
+METHODS = ["auto", "gemm", "sparse"]
 case_args = dict(
     seed=st.integers(0, 2**31),
     n=st.integers(0, 5),
@@ -71,15 +74,21 @@ case_args = dict(
     num_concepts=st.integers(2, 9),
     num_categories=st.integers(1, 3),
     sparsity=st.sampled_from([0.0, 0.5, 0.95, 1.0]),
+    density=st.sampled_from([0.0, 0.03, 0.2, 1.0]),
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(chunk_bytes=st.sampled_from([1, 50, 1000, 64 << 20]), **case_args)
-def test_matches_brute_force(chunk_bytes, **case):
+@given(
+    chunk_bytes=st.sampled_from([1, 50, 1000, 64 << 20]),
+    method=st.sampled_from(METHODS),
+    **case_args,
+)
+def test_matches_brute_force(chunk_bytes, method, **case):
     table, masks, labels, image_labels = random_case(**case)
     k = case["num_categories"]
-    stat = IoU(case["u"], table, categories=[f"cat{i}" for i in range(k)], chunk_bytes=chunk_bytes)
+    cats = [f"cat{i}" for i in range(k)]
+    stat = IoU(case["u"], table, categories=cats, chunk_bytes=chunk_bytes, method=method)
     stat.update(torch.from_numpy(masks), torch.from_numpy(labels), torch.from_numpy(image_labels))
     inter, label_area, unit_area, iou = brute_force(masks, labels, image_labels, table, k)
     np.testing.assert_array_equal(stat.intersection(), inter)
@@ -112,19 +121,34 @@ def test_merge_of_any_split_equals_one_pass(data, **case):
         np.testing.assert_array_equal(merged.state_dict()[key], value, err_msg=key)
 
 
-@settings(max_examples=20, deadline=None)
-@given(**case_args)
-def test_activations_with_thresholds_equal_their_masks(**case):
+@settings(max_examples=30, deadline=None)
+@given(method=st.sampled_from(METHODS), **case_args)
+def test_activations_with_thresholds_equal_their_masks(method, **case):
     table, masks, labels, image_labels = random_case(**case)
     rng = np.random.default_rng(case["seed"])
     acts = rng.standard_normal(masks.shape).astype(np.float32)
     thresholds = rng.standard_normal(case["u"]).astype(np.float32)
-    by_act = IoU(case["u"], table)
+    by_act = IoU(case["u"], table, method=method)
     by_act.update(acts, labels, image_labels, thresholds=thresholds)
     by_mask = IoU(case["u"], table)
     by_mask.update(acts >= thresholds[None, :, None, None], labels, image_labels)
     np.testing.assert_array_equal(by_act.intersection(), by_mask.intersection())
     np.testing.assert_array_equal(by_act.unit_area(), by_mask.unit_area())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.int32])
+def test_activation_dtypes(dtype):
+    table, masks, labels, image_labels = random_case(7, 3, 4, 5, 6, 2, 1, 6, 2, 0.3)
+    acts = torch.randn(3, 4, 5, 6).mul(4).to(dtype)
+    thresholds = torch.tensor([-1, 0, 1, 2])
+    for method in METHODS:
+        by_act = IoU(4, table, method=method)
+        by_act.update(acts, labels, image_labels, thresholds=thresholds)
+        expected = brute_force(
+            (acts >= thresholds[:, None, None]).numpy(), labels, image_labels, table, 2
+        )
+        np.testing.assert_array_equal(by_act.intersection(), expected[0])
+        np.testing.assert_array_equal(by_act.unit_area(), expected[2])
 
 
 def test_category_conditioning_by_hand():
