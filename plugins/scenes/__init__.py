@@ -18,11 +18,17 @@ __all__ = ["CATEGORIES", "IMAGE_CATEGORIES", "Scenes", "nethook_concept_sources"
 
 hookimpl = pluggy.HookimplMarker("nethook")
 
+OPTIONS = frozenset({"n", "size", "seed", "noise", "progress"})
+
 
 def _factory(arg: str) -> Scenes:
     from nethook.plugins import parse_kwargs
 
-    return Scenes(**parse_kwargs(arg))
+    kwargs = parse_kwargs(arg)
+    unknown = sorted(set(kwargs) - OPTIONS)
+    if unknown:
+        raise ValueError(f"scenes:{arg}: unknown option(s) {unknown}; expected {sorted(OPTIONS)}")
+    return Scenes(**kwargs)
 
 
 @hookimpl

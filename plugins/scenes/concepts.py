@@ -109,7 +109,8 @@ def concept_rows() -> list[tuple[int, str, str]]:
     )
     rows: list[tuple[int, str, str]] = []
     for category, names in groups:
-        rows += [(len(rows) + 1, name, category) for name in names]
+        start = len(rows) + 1
+        rows += [(start + i, name, category) for i, name in enumerate(names)]
     return rows
 
 
