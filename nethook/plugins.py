@@ -174,17 +174,40 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _split_items(arg: str) -> list[str]:
+    """Split at commas that are not inside brackets or quotes: ``a=[1,2],b=x`` -> 2 items."""
+    items, start, depth, quote = [], 0, 0, ""
+    for i, char in enumerate(arg):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in _OPEN:
+            depth += 1
+        elif char in _CLOSE:
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            items.append(arg[start:i])
+            start = i + 1
+    items.append(arg[start:])
+    return [item.strip() for item in items]
+
+
 def parse_kwargs(arg: str, positional: Sequence[str] = ()) -> dict[str, Any]:
     """Parse the argument part of a spec, ``"a=1,b=x"`` -> ``{"a": 1, "b": "x"}``.
 
-    Values that read as Python literals become numbers, booleans or None
-    (``true``/``false``/``none`` in any case too); anything else stays a string.
+    Values that read as Python literals become numbers, booleans, None or lists
+    (``units=[3,7]``; commas inside brackets or quotes do not separate items);
+    ``true``/``false``/``none`` in any case count too; anything else stays a string.
     Leading items without ``=`` bind, as strings, to the names in ``positional``, so
     ``parse_kwargs("/data/broden,split=train", ["path"])`` gives
     ``{"path": "/data/broden", "split": "train"}``.
     """
     result: dict[str, Any] = {}
-    items = [item.strip() for item in arg.split(",")] if arg.strip() else []
+    items = _split_items(arg) if arg.strip() else []
     names = list(positional)
     keywords_started = False
     for i, item in enumerate(items):

@@ -270,6 +270,7 @@ def test_unknown_source_name_in_the_shared_registry_lists_installed_ones():
             {"p": 0.5, "flag": True, "off": False, "none": None, "q": "1"},
         ),
         ("path=/data/broden1_224", {"path": "/data/broden1_224"}),
+        ("units=[3, 7],name='a,b',k=(1,2)", {"units": [3, 7], "name": "a,b", "k": (1, 2)}),
     ],
 )
 def test_parse_kwargs(arg, expected):
@@ -308,24 +309,38 @@ def test_every_hook_is_documented_and_every_kind_has_one():
         assert len(inspect.getdoc(function) or "") > 80, name
 
 
-def run_cli(*args: str, site: Path) -> subprocess.CompletedProcess:
+SEPARATOR = "=" * 20 + " next command " + "=" * 20
+
+CLI_SCRIPT = f"""
+import sys
+from nethook.cli import main
+for argv in sys.argv[1:]:
+    print(main(argv.split()), flush=True)
+    print({SEPARATOR!r}, flush=True)
+"""
+
+
+def run_cli(commands: list[str], site: Path) -> list[tuple[int, str]]:
+    """(exit code, stdout) of ``nethook <command>`` for each command, run in order by one
+    fresh interpreter (the ``nethook`` script's ``main``) with ``site`` on PYTHONPATH."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
-    return subprocess.run(
-        [sys.executable, "-m", "nethook", *args],
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_SCRIPT, *commands],
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,
     )
+    assert result.returncode == 0, result.stdout + result.stderr
+    outputs = result.stdout.split(SEPARATOR + "\n")[: len(commands)]
+    return [(int(out.rstrip().rsplit("\n", 1)[-1]), out) for out in outputs]
 
 
 def test_cli_lists_plugins_shows_broken_and_conflicts_and_still_runs_commands(site):
-    listing = run_cli("plugins", "--check", site=site)
-    assert listing.returncode == 1, listing.stderr  # --check: something is wrong
-    out = listing.stdout
+    (check, out), (hello, greeting) = run_cli(["plugins --check", "beta-hello --who tests"], site)
+    assert check == 1  # --check: something is wrong
     assert "alpha  [ok]" in out and "alpha-plugin 1.0" in out
     assert "broken  [BROKEN]" in out and "ImportError: needs a library that is not installed" in out
     assert "source 'shared' claimed by alpha-plugin 1.0 (plugin 'alpha'), beta-plugin 2.5" in out
-    hello = run_cli("beta-hello", "--who", "tests", site=site)
-    assert hello.returncode == 0, hello.stderr
-    assert hello.stdout.strip() == "hello tests from beta"
+    assert hello == 0
+    assert greeting.startswith("hello tests from beta\n")

@@ -1,23 +1,33 @@
-"""An intervention: clamp a layer's output into ``[min, max]``."""
+"""An intervention: clamp units of a layer's output into ``[low, high]``."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from nethook.interventions import Intervention, register
 
-class Clamp:
-    """Use as ``Trace(model, layer, edit_output=Clamp(max=0.0))``; works on any device."""
 
-    def __init__(self, min: float | None = None, max: float | None = None) -> None:
-        if min is None and max is None:
-            raise ValueError("clamp: give min=..., max=... or both")
-        if min is not None and max is not None and min > max:
-            raise ValueError(f"clamp: min={min} is greater than max={max}")
-        self.min, self.max = min, max
+@register
+@dataclasses.dataclass(eq=False, repr=False)
+class Clamp(Intervention):
+    """Clamp ``units`` (all by default) into ``[low, high]``, inside the optional region.
 
-    def __call__(self, output: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-        return output.clamp(min=self.min, max=self.max)
+    Use as ``Trace(model, layer, edit_output=Clamp(high=0.0))``. Subclassing
+    :class:`nethook.interventions.Intervention` brings unit selection, masks, any
+    device, ``to_json()`` and ``nethook.interventions.from_json`` for free.
+    """
 
-    def to_json(self) -> dict:
-        """A plain description, so runs that used it can record it."""
-        return {"class": "Clamp", "min": self.min, "max": self.max}
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.low is None and self.high is None:
+            raise ValueError("Clamp: give low=..., high=... or both")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"Clamp: low={self.low} is greater than high={self.high}")
+
+    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        return r.clamp(min=self.low, max=self.high)

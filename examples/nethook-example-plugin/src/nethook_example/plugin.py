@@ -17,7 +17,7 @@ def nethook_concept_sources() -> dict:
 
 @hookimpl
 def nethook_interventions() -> dict:
-    """``clamp:min=0,max=1`` -> a Clamp intervention."""
+    """``clamp:high=0[,low=-1][,units=[3,7]]`` -> a Clamp intervention."""
     return {"clamp": lambda arg: Clamp(**parse_kwargs(arg))}
 
 
