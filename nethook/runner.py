@@ -143,6 +143,8 @@ class StoreWriter:
     fsync and the manifest entry happen in a background thread, overlapping the next
     forward pass. ``attrs`` holds the provenance (model, model_hash, source,
     source_fingerprint, seed); other options go to :meth:`ActivationStore.create`.
+    The run's sample ``i`` is the store's sample ``offset + i``; a writer that feeds only
+    part of the store (a shard, see :mod:`nethook.scale`) says how many with ``span``.
     """
 
     def __init__(
@@ -158,9 +160,13 @@ class StoreWriter:
         chunk_samples: int | None = None,
         compressor: str | None = None,
         storage_options: dict | None = None,
+        offset: int = 0,
+        span: int | None = None,
         queue_size: int = 4,
     ):
         self.path = os.fspath(path)
+        self.offset = int(offset)
+        self.span = int(span) if span is not None else int(samples) - self.offset
         self.layers = (layers,) if isinstance(layers, str) else tuple(layers)
         self.samples = int(samples)
         storage_dtype(dtype)
@@ -201,10 +207,11 @@ class StoreWriter:
         """First batch number holding a sample of an incomplete block."""
         if self.store is None:
             return 0
-        missing = self.store.missing_blocks()
-        if len(missing) == 0:
-            return -(-self.samples // batch_size)
-        return self.store.block_range(int(missing[0]))[0] // batch_size
+        for block in self.store.missing_blocks():
+            start, stop = self.store.block_range(int(block))
+            if stop > self.offset and start < self.offset + self.span:
+                return max(0, start - self.offset) // batch_size
+        return -(-self.span // batch_size)
 
     def __call__(self, batch: Batch) -> None:
         if self._error is not None:
@@ -223,13 +230,9 @@ class StoreWriter:
         for name in self.layers:
             t = batch.acts[name].detach()
             if t.device.type != "cpu":  # narrow on the device, move fewer bytes
-                t = t.to(
-                    torch.bfloat16
-                    if self.store.dtype == "bfloat16"
-                    else getattr(torch, self.store.dtype)
-                ).cpu()
+                t = t.to(getattr(torch, self.store.dtype)).cpu()
             acts[name] = t
-        self._put((batch.start, acts))
+        self._put((self.offset + batch.start, acts))
 
     def _put(self, item: Any) -> None:
         while True:
@@ -792,3 +795,26 @@ def _save(
     if any(starts[name] > number for name in stateful):
         return  # some consumer has not reached this batch yet; its state would be ahead
     ckpt.save(meta, number, {name: c.state_dict() for name, c in stateful.items()})
+
+
+def layer_shapes(
+    model: torch.nn.Module,
+    source: Dataset,
+    layers: Sequence[str],
+    *,
+    start: int = 0,
+    collate_fn: Callable | None = None,
+    inputs: Callable[[Any], Any] | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """Per-sample activation shapes of ``layers``, from one forward pass on sample ``start``."""
+    from nethook.trace import TraceDict
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    inputs = inputs or default_inputs(source, device)
+    collate_fn = collate_fn or getattr(source, "collate", None)
+    loader = DataLoader(Subset(source, [start]), batch_size=1, collate_fn=collate_fn)
+    data = next(iter(loader))
+    with torch.no_grad(), TraceDict(model, layers, stop=True) as traces:
+        model(inputs(data))
+    return {name: tuple(traces[name].output.shape[1:]) for name in traces}
