@@ -193,3 +193,20 @@ def xr_units(units: Sequence | None, n: int, dim: str = "unit") -> dict[str, Any
     if len(units) != n:
         raise ValueError(f"expected {n} unit labels for dim {dim!r}, got {len(units)}")
     return {dim: units}
+
+
+def states_equal(a: Any, b: Any) -> bool:
+    """Whether two ``state_dict()`` trees are identical: same keys, same scalar types
+    and values, arrays equal in dtype, shape and content (NaN equal to NaN)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or set(a) != set(b):
+            return False
+        return all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray | np.generic) or isinstance(b, np.ndarray | np.generic):
+        x, y = np.asarray(a), np.asarray(b)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        return bool(np.array_equal(x, y, equal_nan=x.dtype.kind in "fc"))
+    if type(a) is not type(b):
+        return False
+    return a == b or (isinstance(a, float) and a != a and b != b)
