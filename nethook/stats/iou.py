@@ -68,7 +68,7 @@ class IoU(Stat):
         method: how a block of masks is tallied: ``"sparse"`` (indices of the on
             pixels, then one bincount; cost grows with the mask's density),
             ``"gemm"`` (compact one-hot GEMM; cost independent of density), or
-            ``"auto"`` (GEMM on accelerators; on CPU sparse for blocks at most 5%
+            ``"auto"`` (GEMM on accelerators; on CPU sparse for blocks at most 2%
             on, as thresholded dissection masks are, GEMM otherwise). All give
             identical tallies.
 
@@ -477,7 +477,7 @@ _TALLIES = ("_intersection", "_label_area", "_unit_area", "_unit_area_total", "_
 
 
 _METHODS = ("auto", "gemm", "sparse")
-_SPARSE_DENSITY = 0.05
+_SPARSE_DENSITY = 0.02
 
 
 class _ChunkLabels:
@@ -560,19 +560,33 @@ def _sparse_block(
 
     Adds every (unit, pixel label) pair to ``intersection`` ``[U, C]`` by one
     bincount (label 0 lands in column 0, cleared by the caller); returns the
-    block's unit areas ``[n, U]``.
+    block's unit areas ``[n, U]``. On CPU the index arithmetic runs in numpy,
+    3-6x faster than torch's at these sizes.
     """
     n, units, width = on.shape
+    layers, pixels = pixel.shape[1:]
     concepts = intersection.shape[1]
-    flat = _flatnonzero(on)
+    on_np = _numpy_view(on)
+    if on_np is not None:
+        flat = np.flatnonzero(on_np)
+        label_of = pixel.numpy().reshape(-1)
+        offsets = np.arange(layers) * pixels
+        bincount = np.bincount
+    else:
+        flat = torch.nonzero(on.reshape(-1)).reshape(-1)
+        label_of = pixel.reshape(-1)
+        offsets = torch.arange(layers, device=on.device) * pixels
+        bincount = torch.bincount
     image_unit = flat // width
     px = flat - image_unit * width + p0
     image = image_unit // units
     unit = image_unit - image * units
-    labels = pixel[image, :, px]
+    labels = label_of[(image * (layers * pixels) + px)[:, None] + offsets]
     keys = (unit[:, None] * concepts + labels).reshape(-1)
-    intersection += torch.bincount(keys, minlength=units * concepts).view(units, concepts)
-    return torch.bincount(image_unit, minlength=n * units).view(n, units)
+    counts = torch.as_tensor(bincount(keys, minlength=units * concepts))
+    intersection += counts.to(intersection.device).view(units, concepts)
+    area = torch.as_tensor(bincount(image_unit, minlength=n * units))
+    return area.to(intersection.device).view(n, units)
 
 
 def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
@@ -604,14 +618,6 @@ def _float_mask(block: torch.Tensor, thr: torch.Tensor | None, out: torch.Tensor
 def _count_nonzero(on: torch.Tensor) -> int:
     a = _numpy_view(on)
     return int(np.count_nonzero(a)) if a is not None else int(torch.count_nonzero(on))
-
-
-def _flatnonzero(on: torch.Tensor) -> torch.Tensor:
-    """Flat (C-order) indices of the true entries; numpy's is ~6x faster on CPU."""
-    a = _numpy_view(on)
-    if a is not None:
-        return torch.from_numpy(np.flatnonzero(a))
-    return torch.nonzero(on.reshape(-1)).reshape(-1)
 
 
 def _as_tensor(x: TensorLike) -> torch.Tensor:

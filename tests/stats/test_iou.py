@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,6 +99,23 @@ def test_matches_brute_force(chunk_bytes, method, **case):
     np.testing.assert_array_equal(stat.unit_area_total(), masks.sum((0, 2, 3)))
     np.testing.assert_allclose(stat.iou(), iou, rtol=0, atol=1e-15)
     assert stat.image_count == case["n"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    chunk_bytes=st.sampled_from([1, 1000, 64 << 20]), method=st.sampled_from(METHODS), **case_args
+)
+def test_torch_only_paths_match_brute_force(chunk_bytes, method, **case):
+    """The paths accelerators take (no numpy kernels), exercised on CPU."""
+    table, masks, labels, image_labels = random_case(**case)
+    acts = torch.from_numpy(masks).float() + 0.5
+    stat = IoU(case["u"], table, categories=["a", "b", "c"], chunk_bytes=chunk_bytes, method=method)
+    with mock.patch("nethook.stats.iou._numpy_view", return_value=None):
+        stat.update(acts, labels, image_labels, thresholds=torch.ones(case["u"]))
+    inter, label_area, unit_area, _ = brute_force(masks, labels, image_labels, table, 3)
+    np.testing.assert_array_equal(stat.intersection(), inter)
+    np.testing.assert_array_equal(stat.label_area(), label_area)
+    np.testing.assert_array_equal(stat.unit_area(), unit_area)
 
 
 @settings(max_examples=30, deadline=None)
