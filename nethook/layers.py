@@ -58,8 +58,8 @@ def _not_found(model: nn.Module, pattern: str, names: list[str]) -> LayerNotFoun
     )
 
 
-def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    """Return the module at path ``name`` (a glob must match exactly one module)."""
+def resolve_named_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """Return ``(path, module)`` for a path or a glob that matches exactly one module."""
     check_module(model, "model")
     if not isinstance(name, str):
         raise TypeError(f"layer name must be a str, got {type(name).__qualname__}")
@@ -71,11 +71,16 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
                 f"({', '.join(list(found)[:5])}{', ...' if len(found) > 5 else ''}); "
                 "Trace needs exactly one: use TraceDict for several"
             )
-        return next(iter(found.values()))
+        return next(iter(found.items()))
     try:
-        return model.get_submodule(name)
+        return name, model.get_submodule(name)
     except AttributeError:
         raise _not_found(model, name, layer_names(model)) from None
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """Return the module at path ``name`` (a glob must match exactly one module)."""
+    return resolve_named_layer(model, name)[1]
 
 
 def resolve_layers(model: nn.Module, patterns: str | Iterable[str]) -> dict[str, nn.Module]:

@@ -43,8 +43,8 @@ from nethook.layers import (
     get_module,
     get_parameter,
     replace_module,
-    resolve_layer,
     resolve_layers,
+    resolve_named_layer,
     set_requires_grad,
 )
 
@@ -243,7 +243,9 @@ class Trace(contextlib.AbstractContextManager):
     ):
         check_module(module, "module")
         self.layer = layer
-        self.module = resolve_layer(module, layer) if layer is not None else module
+        self.module = module
+        if layer is not None:
+            self.layer, self.module = resolve_named_layer(module, layer)
         self.retain_output = retain_output
         self.retain_input = retain_input
         self.clone = clone

@@ -431,3 +431,11 @@ def test_rome_style_call_sites_run_unchanged():
     ):
         model(ids)
     assert tr.input.shape == (1, 6, 32)
+
+
+def test_glob_resolving_to_one_layer_reports_its_path():
+    model = zoo.counted_chain()
+    seen = []
+    with Trace(model, "[2]", edit_output=lambda out, layer: seen.append(layer)) as t:
+        model(torch.randn(1, 4))
+    assert t.layer == "2" and seen == ["2"]
