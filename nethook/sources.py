@@ -96,6 +96,8 @@ def _pad_stack(tensors: list[torch.Tensor], what: str) -> torch.Tensor:
     rest = {tuple(t.shape[1:]) for t in tensors}
     if len(rest) != 1:
         raise ValueError(f"collate: {what} have different trailing shapes {sorted(rest)}")
+    if len({t.shape[0] for t in tensors}) == 1 and tensors[0].shape[0] > 0:
+        return torch.stack(tensors)
     first = max(t.shape[0] for t in tensors)
     out = tensors[0].new_zeros((len(tensors), max(first, 1), *tensors[0].shape[1:]))
     for i, t in enumerate(tensors):

@@ -185,10 +185,8 @@ class Canvas:
 
     def image(self) -> np.ndarray:
         """The painted image, float32 ``[3, H, W]`` in [0, 1]."""
-        table = np.asarray(self._rgb, dtype=np.float32).T
-        return table[:, self.fills]
+        return np.take(np.asarray(self._rgb, dtype=np.float32).T, self.fills, axis=1)
 
     def labels(self) -> np.ndarray:
         """Labels int64 ``[4, H, W]``: object, part, material and color concept ids."""
-        table = np.asarray(self._labels, dtype=np.int64).T
-        return table[:, self.fills]
+        return np.take(np.asarray(self._labels, dtype=np.int64).T, self.fills, axis=1)
