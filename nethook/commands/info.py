@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from nethook.store import ActivationStore, StoreError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``info`` subcommand."""
@@ -26,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary; exit 1 if the store cannot be read or (with --verify) is corrupt."""
+    from nethook.store import ActivationStore, StoreError
+
     try:
         store = ActivationStore.open(args.path)
         info = store.summary()

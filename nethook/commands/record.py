@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nethook.store import DTYPES, StoreError
+DTYPES = ("float32", "float16", "bfloat16")  # nethook.store.DTYPES, without importing zarr
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Record (or resume) the store; print where it stands."""
     from nethook.scale import record
-    from nethook.store import StoreMismatchError
+    from nethook.store import StoreError, StoreMismatchError
 
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     if not layers:
