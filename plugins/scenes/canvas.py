@@ -183,6 +183,12 @@ class Canvas:
         mask = np.broadcast_to(shape(y, x), fills.shape)
         fills[mask] = value if second is None else value[mask]
 
+    def present(self) -> np.ndarray:
+        """Sorted concept ids (any category, without 0) visible somewhere on the canvas."""
+        used = np.bincount(self.fills.ravel(), minlength=len(self._labels)) > 0
+        ids = np.unique(np.asarray(self._labels, dtype=np.int64)[used])
+        return ids[ids > 0]
+
     def image(self) -> np.ndarray:
         """The painted image, float32 ``[3, H, W]`` in [0, 1]."""
         return np.take(np.asarray(self._rgb, dtype=np.float32).T, self.fills, axis=1)

@@ -11,6 +11,7 @@ objects, and some images are honestly ambiguous.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +64,18 @@ def scene_scores(counts: dict[str, int]) -> np.ndarray:
     )
 
 
-def _place(rng, layout, kind, count, ylo, yhi, scale, xlo=0.05, xhi=0.95) -> None:
+def _place(
+    rng: Rand,
+    layout: Layout,
+    kind: str,
+    count: int | bool,
+    ylo: float,
+    yhi: float,
+    scale: Callable[[float], float],
+    xlo: float = 0.05,
+    xhi: float = 0.95,
+) -> None:
+    """Add ``count`` objects of ``kind`` standing between rows ylo..yhi, sized by ``scale``."""
     for _ in range(int(count)):
         y = rng.uniform(ylo, max(ylo, yhi))
         layout.objects.append(sample_object(rng, kind, y, rng.uniform(xlo, xhi), scale(y)))

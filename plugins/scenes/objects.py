@@ -53,7 +53,7 @@ def _plain_or(
 # --- samplers: every random choice for an instance -----------------------------------
 
 
-def _sample_house(rng, inst):
+def _sample_house(rng: Rand, inst: Instance) -> None:
     s = inst.s
     inst.knobs.update(
         w=0.26 * s * rng.uniform(0.8, 1.25),
@@ -88,7 +88,7 @@ def _sample_house(rng, inst):
     inst.paints.update(wall=wall, roof=roof, door=door, window=window)
 
 
-def _sample_tree(rng, inst):
+def _sample_tree(rng: Rand, inst: Instance) -> None:
     s = inst.s
     inst.knobs.update(
         tw=0.035 * s * rng.uniform(0.8, 1.2),
@@ -102,7 +102,7 @@ def _sample_tree(rng, inst):
     inst.paints.update(crown=solid(rng, crown), trunk=trunk)
 
 
-def _sample_car(rng, inst):
+def _sample_car(rng: Rand, inst: Instance) -> None:
     s = inst.s
     inst.knobs.update(length=0.28 * s * rng.uniform(0.85, 1.2), facing=rng.choice((-1.0, 1.0)))
     terms = ("red", "blue", "white", "black", "grey", "yellow", "green", "orange")
@@ -113,7 +113,7 @@ def _sample_car(rng, inst):
     inst.paints.update(body=body, window=window, wheel=wheel)
 
 
-def _sample_person(rng, inst):
+def _sample_person(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(h=0.2 * inst.s * rng.uniform(0.85, 1.15))
     terms = ("red", "blue", "green", "yellow", "white", "purple", "orange", "pink", "grey")
     shirt = _plain_or(
@@ -129,7 +129,7 @@ def _sample_person(rng, inst):
     inst.paints.update(body=shirt, leg=legs, head=head)
 
 
-def _sample_cow(rng, inst):
+def _sample_cow(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(w=0.16 * inst.s * rng.uniform(0.85, 1.2), facing=rng.choice((-1.0, 1.0)))
     if rng.random() < 0.45:
         body = textured(rng, "dots", "white", "black", 0.035 * inst.s + 0.01)
@@ -140,7 +140,7 @@ def _sample_cow(rng, inst):
     inst.paints.update(body=body, head=rest, leg=rest)
 
 
-def _sample_boat(rng, inst):
+def _sample_boat(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(w=0.22 * inst.s * rng.uniform(0.8, 1.2), sail=rng.uniform(0.8, 1.3))
     hull = _plain_or(
         rng, ("white", "red", "blue", "brown"), "wood", (("brown", "brown"),), 0.25, 0.015
@@ -151,7 +151,7 @@ def _sample_boat(rng, inst):
     inst.paints.update(hull=hull, sail=sail)
 
 
-def _sample_umbrella(rng, inst):
+def _sample_umbrella(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(w=0.2 * inst.s * rng.uniform(0.8, 1.2))
     pairs = (("red", "white"), ("blue", "white"), ("yellow", "orange"), ("green", "white"))
     canopy = _plain_or(
@@ -160,7 +160,7 @@ def _sample_umbrella(rng, inst):
     inst.paints.update(canopy=canopy, pole=solid(rng, _choice(rng, ("white", "grey", "brown"))))
 
 
-def _sample_fence(rng, inst):
+def _sample_fence(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(
         w=rng.uniform(0.3, 0.9),
         h=0.07 * inst.s * rng.uniform(0.8, 1.2),
@@ -171,7 +171,7 @@ def _sample_fence(rng, inst):
     )
 
 
-def _sample_table(rng, inst):
+def _sample_table(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(w=0.3 * inst.s * rng.uniform(0.8, 1.2), h=0.15 * inst.s)
     paint = _plain_or(
         rng, ("white", "brown", "black", "grey"), "wood", (("brown", "brown"),), 0.5, 0.015
@@ -179,7 +179,7 @@ def _sample_table(rng, inst):
     inst.paints.update(top=paint, leg=solid(rng, paint.color))
 
 
-def _sample_chair(rng, inst):
+def _sample_chair(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(w=0.11 * inst.s * rng.uniform(0.85, 1.2), facing=rng.choice((-1.0, 1.0)))
     paint = _plain_or(
         rng, ("brown", "red", "black", "white", "blue"), "wood", (("brown", "brown"),), 0.4, 0.012
@@ -187,7 +187,7 @@ def _sample_chair(rng, inst):
     inst.paints.update(seat=paint, back=paint, leg=solid(rng, paint.color))
 
 
-def _sample_cabinet(rng, inst):
+def _sample_cabinet(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(
         w=0.3 * inst.s * rng.uniform(0.8, 1.3), h=0.2 * inst.s * rng.uniform(0.9, 1.2)
     )
@@ -199,17 +199,17 @@ def _sample_cabinet(rng, inst):
     inst.paints.update(frame=frame, door=front, drawer=front)
 
 
-def _sample_cloud(rng, inst):
+def _sample_cloud(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(w=0.18 * rng.uniform(0.6, 1.4), h=0.05 * rng.uniform(0.7, 1.3))
     inst.paints.update(cloud=solid(rng, _choice(rng, ("white", "grey"), p=(0.8, 0.2))))
 
 
-def _sample_sun(rng, inst):
+def _sample_sun(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(r=0.05 * rng.uniform(0.7, 1.4))
     inst.paints.update(sun=solid(rng, _choice(rng, ("yellow", "orange", "white"))))
 
 
-def _sample_mountain(rng, inst):
+def _sample_mountain(rng: Rand, inst: Instance) -> None:
     inst.knobs.update(w=rng.uniform(0.3, 0.7), h=rng.uniform(0.12, 0.3), snow=rng.uniform(0, 0.4))
     inst.paints.update(
         mountain=solid(rng, _choice(rng, ("grey", "brown", "purple", "green"))),

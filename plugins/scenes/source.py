@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from nethook.sources import ConceptSource, concept_frame, tally_frequency
+from nethook.sources import ConceptSource, concept_frame
 
 from .concepts import CATEGORIES, IMAGE_CATEGORIES, concept_rows, scene_id
 from .layout import Layout, render, sample_layout
@@ -124,12 +125,21 @@ class Scenes(ConceptSource):
             "noise": self.noise,
         }
 
+    def _tally(self, size: int) -> np.ndarray:
+        """Images per concept id, from rendered labels only (noise never changes labels)."""
+        counts = np.zeros(size, dtype=np.int64)
+        for i in tqdm(range(self.n), desc="scenes concept frequency", disable=not self.progress):
+            lay = self.layout(i)
+            counts[render(lay, self.height, self.width).present()] += 1
+            counts[scene_id(lay.scene)] += 1
+        return counts
+
     def concepts(self) -> pd.DataFrame:
         """Concept table; frequency = number of images showing the concept (tallied once)."""
         rows = concept_rows()
         key = self.fingerprint()
         if key not in _FREQUENCY_CACHE:
-            _FREQUENCY_CACHE[key] = tally_frequency(self, len(rows) + 1, progress=self.progress)
+            _FREQUENCY_CACHE[key] = self._tally(len(rows) + 1)
         counts = _FREQUENCY_CACHE[key]
         ids, names, cats = zip(*rows, strict=True)
         return concept_frame(ids, names, cats, counts[list(ids)])
