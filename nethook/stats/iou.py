@@ -72,8 +72,8 @@ class IoU(Stat):
             on, as thresholded dissection masks are, GEMM otherwise). All give
             identical tallies.
 
-    Tallies live on the stat's device (``to(device)``); each update computes on the
-    device of ``masks`` and adds its int64 tallies there.
+    Each update computes on the device of ``masks``; the (small) tallies move
+    there too. Readouts are torch tensors on the stat's device.
     """
 
     version = 1
@@ -186,9 +186,10 @@ class IoU(Stat):
         if n == 0:
             return
         tallies = self._tally(masks.reshape(n, self.num_units, h * w), thr, lab, img)
+        self.to(dev)
         for name, value in tallies.items():
             acc = getattr(self, name)
-            acc += value.to(self._device)
+            acc += value
         self._images += n
 
     def _check_thresholds(self, masks: torch.Tensor, thresholds: TensorLike | None):
@@ -302,60 +303,61 @@ class IoU(Stat):
         return out
 
     # ------------------------------------------------------------------ results
-    def intersection(self) -> np.ndarray:
+    def intersection(self) -> torch.Tensor:
         """``[U, C]`` int64 pixels where unit and concept are both on (C = id axis)."""
-        return to_numpy(self._intersection)
+        return self._intersection.clone()
 
-    def label_area(self) -> np.ndarray:
+    def label_area(self) -> torch.Tensor:
         """``[C]`` int64 pixels labelled with each concept id."""
-        return to_numpy(self._label_area)
+        return self._label_area.clone()
 
-    def unit_area(self) -> np.ndarray:
+    def unit_area(self) -> torch.Tensor:
         """``[U, K]`` int64 unit mask area over images carrying category ``k``."""
-        return to_numpy(self._unit_area)
+        return self._unit_area.clone()
 
-    def unit_area_total(self) -> np.ndarray:
+    def unit_area_total(self) -> torch.Tensor:
         """``[U]`` int64 unit mask area over all images (unconditioned)."""
-        return to_numpy(self._unit_area_total)
+        return self._unit_area_total.clone()
 
-    def category_image_count(self) -> np.ndarray:
+    def category_image_count(self) -> torch.Tensor:
         """``[K]`` int64 number of images carrying any label of each category."""
-        return to_numpy(self._category_images)
+        return self._category_images.clone()
 
-    def conditioned_unit_area(self) -> np.ndarray:
+    def conditioned_unit_area(self) -> torch.Tensor:
         """``[U, C]`` int64 unit area over the images that count for each concept.
 
         Column ``c`` is ``unit_area()[:, category(c)]``; zero for ids that are not
         concepts (including 0).
         """
-        cats = self.concept_category
-        out = np.zeros((self.num_units, self.num_concepts), dtype=np.int64)
-        real = cats >= 0
-        out[:, real] = self.unit_area()[:, cats[real]]
+        cats = torch.as_tensor(self.concept_category, device=self._device)
+        real = torch.nonzero(cats >= 0).reshape(-1)
+        out = torch.zeros_like(self._intersection)
+        out[:, real] = self._unit_area[:, cats[real]]
         return out
 
-    def union(self) -> np.ndarray:
-        """``[U, C]`` int64 category-conditioned union ``A + L - I``."""
-        inter = self.intersection()
-        union = self.conditioned_unit_area() + self.label_area()[None, :] - inter
-        union[:, self.concept_category < 0] = 0
-        return union
+    def union(self) -> torch.Tensor:
+        """``[U, C]`` int64 category-conditioned union ``A + L - I`` (0 for non-concepts)."""
+        union = self.conditioned_unit_area() + self._label_area[None, :] - self._intersection
+        return union.masked_fill_(~self._is_concept(self._device)[None, :], 0)
 
-    def iou(self) -> np.ndarray:
+    def iou(self) -> torch.Tensor:
         """``[U, C]`` float64 IoU indexed by concept id (0 where the union is empty).
 
         Column 0 ("none") and ids that are not concepts are 0; see
         :meth:`iou_xarray` for the concept columns only, with names.
         """
-        inter = self.intersection().astype(np.float64)
-        union = self.union().astype(np.float64)
-        return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        union = self.union().to(torch.float64)
+        iou = self._intersection.to(torch.float64) / union.clamp(min=1)
+        return iou.masked_fill_(union == 0, 0)
 
     def _concept_coords(self) -> tuple[np.ndarray, dict[str, Any]]:
         ids = np.nonzero(self.concept_category >= 0)[0]
         coords: dict[str, Any] = {
             "concept": ids,
-            "category": ("concept", [self.categories[k] for k in self.concept_category[ids]]),
+            "concept_category": (
+                "concept",
+                [self.categories[k] for k in self.concept_category[ids]],
+            ),
         }
         if self.concept_names is not None:
             coords["concept_name"] = ("concept", [self.concept_names[i] for i in ids])
@@ -372,11 +374,12 @@ class IoU(Stat):
         """IoU as a ``DataArray[unit, concept]`` over the real concepts (id 0 dropped).
 
         Coordinates: ``unit`` (``units`` labels, default ``0..U-1``), ``concept``
-        (ids), ``category`` and, when known, ``concept_name`` along ``concept``.
+        (ids), and along it ``concept_category`` (category name) and, when known,
+        ``concept_name``.
         """
         ids, coords = self._concept_coords()
         return xr.DataArray(
-            self.iou()[:, ids],
+            to_numpy(self.iou())[:, ids],
             dims=("unit", "concept"),
             coords={"unit": self._unit_coord(units), **coords},
             name="iou",
@@ -385,21 +388,22 @@ class IoU(Stat):
     def to_xarray(self, units: Sequence | None = None) -> xr.Dataset:
         """All results as a Dataset: iou, intersection, union, label_area, unit_area.
 
-        Dims ``unit``, ``concept`` (real concept ids) and ``category_name``.
+        Dims ``unit``, ``concept`` (real concept ids, coordinates as in
+        :meth:`iou_xarray`) and ``category`` (names); attribute ``images``.
         """
         ids, coords = self._concept_coords()
         return xr.Dataset(
             {
-                "iou": (("unit", "concept"), self.iou()[:, ids]),
-                "intersection": (("unit", "concept"), self.intersection()[:, ids]),
-                "union": (("unit", "concept"), self.union()[:, ids]),
-                "label_area": ("concept", self.label_area()[ids]),
-                "unit_area": (("unit", "category_name"), self.unit_area()),
+                "iou": (("unit", "concept"), to_numpy(self.iou())[:, ids]),
+                "intersection": (("unit", "concept"), to_numpy(self._intersection)[:, ids]),
+                "union": (("unit", "concept"), to_numpy(self.union())[:, ids]),
+                "label_area": ("concept", to_numpy(self._label_area)[ids]),
+                "unit_area": (("unit", "category"), to_numpy(self._unit_area)),
             },
             coords={
                 "unit": self._unit_coord(units),
                 **coords,
-                "category_name": list(self.categories),
+                "category": list(self.categories),
             },
             attrs={"images": self.image_count},
         )

@@ -228,12 +228,15 @@ def test_label_dicts_and_concepts_table():
     assert da.dims == ("unit", "concept")
     assert da.concept.values.tolist() == [1, 2, 4]
     assert da.concept_name.values.tolist() == ["sky", "wheel", "indoor"]
+    assert da.concept_category.values.tolist() == ["object", "part", "scene"]
     assert da.sel(unit=0, concept=1).item() == 1.0
     assert da.sel(unit=0, concept=2).item() == pytest.approx(1 / 4)
     assert da.sel(unit=0, concept=4).item() == pytest.approx(2 / 4)
     ds = stat.to_xarray()
     assert ds["union"].sel(unit=0, concept=2).item() == 4
     assert ds["label_area"].sel(concept=4).item() == 4
+    assert ds["unit_area"].sel(unit=0, category="scene").item() == 2
+    assert stat.iou_xarray(units=["u7"]).unit.values.tolist() == ["u7"]
 
 
 def test_state_round_trip_is_exact_and_plain(tmp_path):
