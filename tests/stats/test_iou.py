@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -325,3 +327,13 @@ def test_bad_construction_and_merge():
         IoU(3, np.array([-1, 0])).merge(IoU(2, np.array([-1, 0])))
     with pytest.raises(ValueError, match="different concept tables"):
         IoU(2, np.array([-1, 0])).merge(IoU(2, np.array([-1, 0, 0])))
+
+
+def test_docs_example_runs():
+    """The python examples of the IoU section of docs/stats.md run as written."""
+    doc = (Path(__file__).parents[2] / "docs" / "stats.md").read_text()
+    section = doc.split("\n## IoU\n", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert examples
+    for example in examples:
+        exec(compile(example, "docs/stats.md (IoU)", "exec"), {})
