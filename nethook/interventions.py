@@ -118,7 +118,12 @@ class Intervention:
 
     def __post_init__(self) -> None:
         if self.units is not None:
-            units = torch.as_tensor(self.units).flatten().tolist()
+            units = self.units
+            if isinstance(units, int):
+                units = [units]
+            elif isinstance(units, (set, frozenset, range)):
+                units = list(units)
+            units = torch.as_tensor(units).flatten().tolist()
             if not all(isinstance(u, int) and u >= 0 for u in units):
                 raise ValueError(f"units must be channel indices >= 0, got {self.units!r}")
             self.units = units

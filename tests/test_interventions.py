@@ -254,3 +254,14 @@ def test_registry_accepts_new_kinds():
         interventions.REGISTRY.pop("Negate")
     with pytest.raises(TypeError):
         interventions.register(int)
+
+
+def test_units_accept_ints_sets_ranges_and_tensors():
+    assert Ablate(3).units == [3]
+    assert sorted(Ablate({2, 1}).units) == [1, 2]
+    assert Ablate(range(3)).units == [0, 1, 2]
+    assert Ablate(torch.tensor([4, 5])).units == [4, 5]
+    x = torch.randn(2, 3)
+    assert torch.equal(Ablate([]).apply(x), x)
+    with pytest.raises(ValueError, match="units must be channel indices"):
+        Ablate([1.5])
