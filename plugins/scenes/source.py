@@ -128,7 +128,9 @@ class Scenes(ConceptSource):
     def _tally(self, size: int) -> np.ndarray:
         """Images per concept id, from rendered labels only (noise never changes labels)."""
         counts = np.zeros(size, dtype=np.int64)
-        for i in tqdm(range(self.n), desc="scenes concept frequency", disable=not self.progress):
+        for i in tqdm(
+            range(self.n), desc="scenes concept frequency", disable=not self.progress, leave=False
+        ):
             lay = self.layout(i)
             counts[render(lay, self.height, self.width).present()] += 1
             counts[scene_id(lay.scene)] += 1
