@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from nethook.stats.base import Stat, to_numpy
+from nethook.stats.base import Stat, to_numpy, xr_units
 
 _EXACT_FLOAT32 = 2**24
 TensorLike = torch.Tensor | np.ndarray
@@ -363,13 +363,6 @@ class IoU(Stat):
             coords["concept_name"] = ("concept", [self.concept_names[i] for i in ids])
         return ids, coords
 
-    def _unit_coord(self, units: Sequence | None) -> Sequence:
-        if units is None:
-            return np.arange(self.num_units)
-        if len(units) != self.num_units:
-            raise ValueError(f"IoU expected {self.num_units} unit labels, got {len(units)}")
-        return list(units)
-
     def iou_xarray(self, units: Sequence | None = None) -> xr.DataArray:
         """IoU as a ``DataArray[unit, concept]`` over the real concepts (id 0 dropped).
 
@@ -381,7 +374,7 @@ class IoU(Stat):
         return xr.DataArray(
             to_numpy(self.iou())[:, ids],
             dims=("unit", "concept"),
-            coords={"unit": self._unit_coord(units), **coords},
+            coords={**xr_units(units, self.num_units), **coords},
             name="iou",
         )
 
@@ -401,7 +394,7 @@ class IoU(Stat):
                 "unit_area": (("unit", "category"), to_numpy(self._unit_area)),
             },
             coords={
-                "unit": self._unit_coord(units),
+                **xr_units(units, self.num_units),
                 **coords,
                 "category": list(self.categories),
             },

@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nethook.stats.base import from_state_dict
+from nethook.stats import persist
+from nethook.stats.base import from_state_dict, states_equal
 from nethook.stats.iou import IoU
 
 
@@ -255,6 +256,16 @@ def test_state_round_trip_is_exact_and_plain(tmp_path):
     loaded.update(masks[2:], labels[2:], image_labels[2:])
     np.testing.assert_array_equal(loaded.iou(), stat.iou())
     assert loaded.concept_names == stat.concept_names
+
+
+@pytest.mark.parametrize("name", ["iou.npz", "iou.zarr"])
+def test_persist_round_trip(tmp_path, name):
+    table, masks, labels, image_labels = random_case(4, 3, 3, 4, 4, 2, 1, 6, 2, 0.5)
+    stat = IoU(3, table, categories=["object", "scene"], concept_names=list("abcdef"))
+    stat.update(masks, labels, image_labels)
+    loaded = persist.load(persist.save(stat, tmp_path / name))
+    assert states_equal(loaded.state_dict(), stat.state_dict())
+    np.testing.assert_array_equal(loaded.iou(), stat.iou())
 
 
 def test_newer_state_version_is_refused():
