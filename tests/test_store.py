@@ -279,3 +279,26 @@ def test_bad_arguments_name_the_input(tmp_path):
         store.write_block(0, {k: v[:4].astype(np.float64) for k, v in truth().items()})
     with pytest.raises(KeyError, match="holds conv, fc, tok"):
         store.layer("nope")
+
+
+def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
+    data = truth()
+    fast = make(tmp_path / "fast.zarr")
+    write_all(fast, data)
+    for name in SHAPES:
+        arr = fast._arrays[name]
+        assert fast._direct_chunk_path(arr, 0) is not None  # the fast path was taken
+        twin = zarr.create_array(
+            str(tmp_path / f"zarr-{name}.zarr"),
+            shape=arr.shape,
+            chunks=arr.chunks,
+            dtype=arr.dtype,
+            fill_value=0,
+            compressors=None,
+        )
+        twin[:] = data[name]
+        for block in range(fast.n_blocks):
+            key = arr.metadata.encode_chunk_key((block,) + (0,) * (arr.ndim - 1))
+            mine = (tmp_path / "fast.zarr" / arr.path / key).read_bytes()
+            theirs = (tmp_path / f"zarr-{name}.zarr" / key).read_bytes()
+            assert mine == theirs, f"{name} block {block}"
