@@ -19,6 +19,7 @@ from .concepts import COLOR_JITTER, PALETTE, color_id, material_id
 from .rand import Rand
 
 Shape = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Inside-test of pixel centres: (y [r, 1], x [1, c]) -> bool [r, c]."""
 
 OBJECT, PART, MATERIAL, COLOR = range(4)
 """Rows of :meth:`Canvas.labels`."""
@@ -176,11 +177,10 @@ class Canvas:
         else:
             other = self._fill(paint.rgb2, (obj, part, material, color_id(paint.color2)))
             value = np.where(second, np.int32(other), np.int32(first))
-            value = np.broadcast_to(value, fills.shape)
         if shape is None:
             fills[...] = value
             return
-        mask = np.broadcast_to(shape(y, x), fills.shape)
+        mask = shape(y, x)
         fills[mask] = value if second is None else value[mask]
 
     def present(self) -> np.ndarray:
