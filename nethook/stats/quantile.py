@@ -64,12 +64,21 @@ _LEVEL_BITS = 6  # level ids packed into the low mantissa bits of float64 sort k
 _LEVEL_MASK = (1 << _LEVEL_BITS) - 1
 _HUGE = 2.0**900  # stands in for +-inf in packed keys (a power of two: free low bits)
 _FUSED = 3  # compactions fused into one pick on the CPU path (see extend_compacted)
+_CHUNK = 512  # rows per fused level-0 compaction chunk (a [C, 512] buffer stays in cache)
 _TRANSPOSE_BLOCK = 256  # rows per block of the cache-friendly [N, C] -> [C, N] copy
 
 
 # ---------------------------------------------------------------------------
 # Array kernels: numpy on CPU (several times faster here), torch on accelerators.
 # ---------------------------------------------------------------------------
+
+
+NUMPY_ON_CPU = True  # tests set this False to run the torch (accelerator) kernels on CPU
+
+
+def _numpy_on(device: torch.device) -> bool:
+    """Whether state on ``device`` is kept as numpy arrays (CPU: numpy is faster here)."""
+    return device.type == "cpu" and NUMPY_ON_CPU
 
 
 def _is_np(a: Array) -> bool:
@@ -178,7 +187,7 @@ def _select_columns(a: np.ndarray, t: np.ndarray, nan: bool) -> np.ndarray:
 
 def _to_device(a: Array, device: torch.device) -> Array:
     """Numpy on CPU, torch elsewhere."""
-    if device.type == "cpu":
+    if _numpy_on(device):
         return a if _is_np(a) else a.detach().cpu().numpy()
     t = torch.from_numpy(a) if _is_np(a) else a
     return t.to(device)
@@ -274,12 +283,25 @@ class _Levels:
         self.compactions: list[int] = []
 
     # sizes -----------------------------------------------------------------
-    def capacity(self, h: int) -> int:
-        cap = int(self.k * (2.0 / 3.0) ** (len(self.pieces) - 1 - h))
+    def capacity(self, h: int, levels: int | None = None) -> int:
+        """Capacity of level ``h`` in a stack of ``levels`` levels (default: current)."""
+        levels = len(self.pieces) if levels is None else levels
+        cap = int(self.k * (2.0 / 3.0) ** (levels - 1 - h))
         return max(self.k_min, cap - cap % 2)
 
-    def budget(self) -> int:
-        return sum(self.capacity(h) for h in range(max(1, len(self.pieces))))
+    def budget(self, levels: int | None = None) -> int:
+        """Items the stack may hold after :meth:`compress`."""
+        levels = max(1, len(self.pieces) if levels is None else levels)
+        return sum(self.capacity(h, levels) for h in range(levels))
+
+    def max_levels(self, weight: int) -> int:
+        """Most levels a stack fed ``weight`` values can have.
+
+        A new top level appears only when the old top (capacity ``k``, weight
+        ``2**(H-2)``) compacts, so ``k * 2**(H-2) <= weight``; the fused CPU path
+        writes straight to level ``_FUSED``.
+        """
+        return max(_FUSED + 1, int(np.floor(np.log2(max(weight, 1) / self.k))) + 2)
 
     def level_size(self, h: int) -> int:
         return sum(p.shape[1] for p in self.pieces[h])
@@ -321,7 +343,7 @@ class _Levels:
         ``2**_FUSED`` ever reaches the upper levels. Smaller chunks at the bottom
         levels add little to the error, which the top levels dominate.
         """
-        cap, step = 2 * self.k_min, 1 << _FUSED
+        cap, step = _CHUNK, 1 << _FUSED
         rows, channels = a.shape
         chunks = rows // cap
         if chunks:
@@ -516,7 +538,7 @@ class Quantile(Stat):
         tail: share of the distribution (the top) the tail stack tracks; the tail
             region covers q >= 1 - tail (approximately; the threshold only rises).
         seed: seed of the compactions' random offsets (results are deterministic).
-        k_min: smallest level capacity (also the level-0 sort chunk).
+        k_min: smallest level capacity.
     """
 
     version = 1
@@ -527,7 +549,7 @@ class Quantile(Stat):
         tail_k: int = 1024,
         tail: float = 0.02,
         seed: int = 0,
-        k_min: int = 256,
+        k_min: int = 32,
     ):
         if k < 2 or tail_k < 2 or k_min < 2:
             raise ValueError(f"k, tail_k and k_min must be >= 2, got {k}, {tail_k}, {k_min}")
@@ -590,7 +612,7 @@ class Quantile(Stat):
         if x.shape[0] == 0:
             return
         self._cache.clear()
-        if self._device.type == "cpu":
+        if _numpy_on(self._device):
             self._update_numpy(_numpy_batch(x, self._dtype))
         else:
             self._update_torch(x.detach().to(self._dtype).t().contiguous())
@@ -746,6 +768,7 @@ class Quantile(Stat):
             region = r > views["below"][:, None]
             out = np.where(region, tail.take(tail.first_at_least(r - shift)), out)
         lo, hi = _numpy(self._min)[:, None], _numpy(self._max)[:, None]
+        out = np.where(np.isnan(out), hi, out)  # NaN items sort above every value
         out = np.minimum(np.maximum(out, lo), hi)
         out = np.where(q[None, :] == 0, lo, np.where(q[None, :] == 1, hi, out))
         return np.where(valid[:, None] > 0, out, np.nan), region
@@ -773,6 +796,7 @@ class Quantile(Stat):
         shape = v.shape
         if v.ndim == 0:
             v = np.full((self.channels, 1), float(v))
+            shape = (self.channels,)
         elif v.ndim == 1 and v.shape[0] == self.channels:
             v = v[:, None]
         elif not (v.ndim == 2 and v.shape[0] == self.channels):
@@ -792,8 +816,7 @@ class Quantile(Stat):
         count = np.where(v >= _numpy(self._max)[:, None], valid, count)
         with np.errstate(invalid="ignore", divide="ignore"):
             out = np.where(np.isnan(v) | (valid == 0), np.nan, count / valid)
-        out = out[0, 0] if len(shape) == 0 else out.reshape(shape)
-        return torch.as_tensor(out).to(self._device)
+        return torch.from_numpy(out.reshape(shape)).to(self._device)
 
     def rank_error_bound(
         self, qs: Sequence[float] | None = None, delta: float = 1e-6
@@ -829,9 +852,21 @@ class Quantile(Stat):
         return torch.from_numpy(out.astype(_numpy(value).dtype)).to(self._device)
 
     def nbytes_per_channel(self) -> int:
-        """Bytes of state per channel (stored items plus per-channel scalars)."""
+        """Bytes of state per channel now (stored items plus per-channel scalars)."""
         item = 8 if self._dtype == torch.float64 else 4
-        return (self._body.size() + self._tail.size()) * item + 4 * 8
+        return (self._body.size() + self._tail.size()) * item + 3 * item + 8
+
+    def max_nbytes_per_channel(self, n: int | None = None) -> int:
+        """Upper bound of :meth:`nbytes_per_channel` after ``n`` values (default: count).
+
+        Both stacks' budgets at their most levels (the tail is fed at most ``n``
+        values too). With the defaults and float32: under 64 KiB up to ``n = 2**36``,
+        plus 256 bytes per further doubling of ``n``.
+        """
+        n = self.count if n is None else int(n)
+        item = 8 if self._dtype == torch.float64 else 4
+        items = sum(s.budget(s.max_levels(n)) for s in (self._body, self._tail))
+        return items * item + 3 * item + 8
 
     def quantile_array(self, qs: Sequence[float], units: Sequence | None = None) -> xr.DataArray:
         """:meth:`quantiles` as a DataArray with dims ``(unit, quantile)``."""
