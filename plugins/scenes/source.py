@@ -19,6 +19,7 @@ NORMALIZATION = ((0.49, 0.56, 0.48), (0.31, 0.24, 0.32))
 _FREQUENCY_CACHE: dict[str, np.ndarray] = {}
 
 VERSION = 1
+"""Generator version, part of the fingerprint: bump it whenever the output for a spec changes."""
 
 #: Noise is a crop of a per-(seed, size) Gaussian field, offset by up to this many pixels.
 NOISE_PAD = 64
