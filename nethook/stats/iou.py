@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -235,19 +236,51 @@ class IoU(Stat):
         lab: torch.Tensor,
         img: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """Tallies of one batch, computed on the masks' device, block by block.
+        """Tallies of one batch, computed on the masks' device.
+
+        On CPU, unless the method is GEMM (whose torch kernels are multithreaded
+        already), contiguous ranges of images are tallied in parallel threads, one
+        per torch thread: the numpy kernels of the sparse tally release the GIL.
+        """
+        n, u, p = masks.shape
+        dtype = torch.float32 if p < _EXACT_FLOAT32 else torch.float64
+        item = torch.finfo(dtype).bits // 8
+        n_chunk = max(1, min(n, self.chunk_bytes // (u * p * item)))
+        starts = list(range(0, n, n_chunk))
+        workers = 1
+        if masks.device.type == "cpu" and self.method != "gemm":
+            workers = min(torch.get_num_threads(), len(starts))
+        ranges = [(g[0], min(n, g[-1] + n_chunk)) for g in np.array_split(starts, workers)]
+        if workers == 1:
+            return self._tally_images(masks, thr, lab, img, 0, n, dtype)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(
+                pool.map(lambda r: self._tally_images(masks, thr, lab, img, *r, dtype), ranges)
+            )
+        return {name: sum(part[name] for part in parts) for name in parts[0]}
+
+    def _tally_images(
+        self,
+        masks: torch.Tensor,
+        thr: torch.Tensor | None,
+        lab: torch.Tensor,
+        img: torch.Tensor | None,
+        start: int,
+        stop: int,
+        dtype: torch.dtype,
+    ) -> dict[str, torch.Tensor]:
+        """Tallies of images ``start:stop``, block by block.
 
         Blocks are ``[images, U, pixels]`` slices sized by ``chunk_bytes``; each is
         tallied sparsely (indices of the mask's on pixels, bincount) or by the
         compact one-hot GEMM, as :attr:`method` and the block's density decide.
         """
-        n, u, p = masks.shape
+        _, u, p = masks.shape
         dev = masks.device
         c = self.num_concepts
-        dtype = torch.float32 if p < _EXACT_FLOAT32 else torch.float64
         item = torch.finfo(dtype).bits // 8
         per_image = u * p * item
-        n_chunk = max(1, min(n, self.chunk_bytes // per_image))
+        n_chunk = max(1, min(stop - start, self.chunk_bytes // per_image))
         p_chunk = p if per_image <= self.chunk_bytes else max(1, self.chunk_bytes // (u * item))
         size = n_chunk * u * min(p, p_chunk)
         float_buf = torch.empty(size, dtype=dtype, device=dev)
@@ -263,8 +296,8 @@ class IoU(Stat):
             "_unit_area_total": torch.zeros(u, dtype=torch.int64, device=dev),
             "_category_images": torch.zeros(self.num_categories, dtype=torch.int64, device=dev),
         }
-        for i0 in range(0, n, n_chunk):
-            i1 = min(n, i0 + n_chunk)
+        for i0 in range(start, stop, n_chunk):
+            i1 = min(stop, i0 + n_chunk)
             chunk = _ChunkLabels(lab[i0:i1], None if img is None else img[i0:i1], c)
             unknown = torch.nonzero((chunk.present & ~self._is_concept(dev)).any(0)).reshape(-1)
             if unknown.numel():

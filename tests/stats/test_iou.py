@@ -317,7 +317,7 @@ BAD_UPDATES = [
 @pytest.mark.parametrize("case", BAD_UPDATES, ids=[b[0] for b in BAD_UPDATES])
 def test_bad_input_names_expected_and_got(case):
     _, override, message = case
-    stat = IoU(3, np.array([-1, 0, -1, 1]))
+    stat = IoU(3, np.array([-1, 0, -1, 1]), chunk_bytes=1)  # several blocks and threads
     args = dict(masks=np.zeros((2, 3, 4, 4), bool), labels=np.ones((2, 4, 4), np.int64))
     if "thresholds" in override:
         args["masks"] = np.zeros((2, 3, 4, 4), np.float32)
