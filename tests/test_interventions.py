@@ -265,3 +265,26 @@ def test_units_accept_ints_sets_ranges_and_tensors():
     assert torch.equal(Ablate([]).apply(x), x)
     with pytest.raises(ValueError, match="units must be channel indices"):
         Ablate([1.5])
+
+
+@SETTINGS
+@given(conv_case())
+def test_intervention_through_a_trace_reaches_the_next_layer(case):
+    """Through Trace: the retained output and what the next layer receives are the edit."""
+    x, units, mask, alpha, values = case
+    h, w = x.shape[2], x.shape[3]
+    model = nn.Sequential(nn.Identity(), nn.Identity()).double()
+    edit = PartialInsert(units, values=values, alpha=alpha, mask=mask)
+    with (
+        torch.no_grad(),
+        Trace(model, "0", edit_output=edit) as t,
+        Trace(model, "1", retain_input=True) as nxt,
+    ):
+        y = model(x)
+    p = torch.ones(h, w, dtype=x.dtype) if mask is None else mask
+    want = x.clone()
+    for i, u in enumerate(units):
+        want[:, u] = (1 - alpha[i] * p) * x[:, u] + alpha[i] * p * values[i]
+    torch.testing.assert_close(t.output, want)
+    torch.testing.assert_close(nxt.input, want)
+    torch.testing.assert_close(y, want)
