@@ -200,3 +200,18 @@ def test_bad_paths_and_groups_are_named(tmp_path):
         save(bad, tmp_path / "bad.npz")
     assert not os.listdir(tmp_path / "plain.zarr") == []
     assert not any(p.name.startswith(".") for p in Path(tmp_path).iterdir())
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    """The python examples of docs/stats.md (except the Quantile and IoU sections,
+    which their own tests cover) run as written."""
+    import re
+
+    text = (Path(__file__).parents[2] / "docs" / "stats.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)
+    mine = [s for s in sections if not s.startswith(("Quantile", "IoU"))]
+    blocks = [b for s in mine for b in re.findall(r"```python\n(.*?)```", s, flags=re.S)]
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "docs/stats.md", "exec"), {})
