@@ -127,8 +127,8 @@ def main() -> None:
     every = torch.from_numpy(np.random.default_rng(1).integers(1, args.concepts + 1, labels.shape))
     on = np.empty(acts.shape, dtype=bool)
 
-    def update(method: str, density=None, lab=labels, img=scenes, chunk_bytes=64 << 20):
-        stat = IoU(u, table, categories=CATEGORIES, method=method, chunk_bytes=chunk_bytes)
+    def update(method: str, density=None, lab=labels, img=scenes):
+        stat = IoU(u, table, categories=CATEGORIES, method=method)
         if density is None:
             return lambda: stat.update(masks, lab, img)
         return lambda: stat.update(acts, lab, img, thresholds=thr[density])
@@ -140,7 +140,6 @@ def main() -> None:
         "IoU auto, activations + thresholds, 0.5% on": update("auto", 0.005),
         "IoU sparse, activations + thresholds, 0.5% on": update("sparse", 0.005),
         "IoU gemm, activations + thresholds, 0.5% on": update("gemm", 0.005),
-        "IoU gemm, activations, 0.5% on, 4 MiB blocks": update("gemm", 0.005, chunk_bytes=4 << 20),
         "ceiling: threshold only (numpy act >= T into bool)": lambda: np.greater_equal(
             acts.numpy(), thr[0.005].numpy()[None, :, None, None], out=on
         ),

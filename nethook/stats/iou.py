@@ -212,7 +212,7 @@ class IoU(Stat):
                 f"IoU.update expects thresholds of shape [U] = ({self.num_units},), "
                 f"got {tuple(thr.shape)}"
             )
-        return thr.to(masks.dtype if masks.is_floating_point() else torch.float64)
+        return _exact_thresholds(thr, masks.dtype)
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         if ids.numel() == 0:
@@ -624,6 +624,21 @@ def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
     if t.device.type != "cpu" or t.dtype == torch.bfloat16:
         return None
     return t.detach().numpy()
+
+
+def _exact_thresholds(thr: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Thresholds in the activations' float ``dtype`` that keep ``act >= thr`` exact.
+
+    Each is rounded up to the nearest value representable in ``dtype``, so a
+    comparison in that dtype (fast, no upcast of the activations) gives the same
+    mask as one in float64. Integer activations compare against float64.
+    """
+    wide = thr.to(torch.float64)
+    if not dtype.is_floating_point:
+        return wide
+    near = wide.to(dtype)
+    up = torch.nextafter(near, torch.full_like(near, float("inf")))
+    return torch.where(near.to(torch.float64) < wide, up, near)
 
 
 def _bool_mask(block: torch.Tensor, thr: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

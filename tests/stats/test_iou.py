@@ -162,13 +162,15 @@ def test_activations_with_thresholds_equal_their_masks(method, **case):
 def test_activation_dtypes(dtype):
     table, masks, labels, image_labels = random_case(7, 3, 4, 5, 6, 2, 1, 6, 2, 0.3)
     acts = torch.randn(3, 4, 5, 6).mul(4).to(dtype)
-    thresholds = torch.tensor([-1, 0, 1, 2])
+    thresholds = torch.tensor([-1.0, 0.3, 1.1, 2.7], dtype=torch.float64)
+    if dtype.is_floating_point:  # activations right at the rounding of each threshold
+        near = thresholds.to(dtype)
+        acts[0, :, 0, :2] = torch.stack([near, torch.nextafter(near, near + 1)], 1)
+    masks = (acts.double() >= thresholds[:, None, None]).numpy()
     for method in METHODS:
         by_act = IoU(4, table, method=method)
         by_act.update(acts, labels, image_labels, thresholds=thresholds)
-        expected = brute_force(
-            (acts >= thresholds[:, None, None]).numpy(), labels, image_labels, table, 2
-        )
+        expected = brute_force(masks, labels, image_labels, table, 2)
         np.testing.assert_array_equal(by_act.intersection(), expected[0])
         np.testing.assert_array_equal(by_act.unit_area(), expected[2])
 
