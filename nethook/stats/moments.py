@@ -1,8 +1,9 @@
 """Mean, variance, covariance, cross-covariance and second moment, streamed.
 
-All five use Chan et al.'s parallel update: each batch is centred on its own mean,
-its centred product runs in the compute dtype (a float32 GEMM by default), and the
-running count, mean and centred sums are kept in float64 and combined with
+All five use Chan et al.'s parallel update: each batch is centred (on the running
+mean, or on its own mean when the data jumped), its centred product runs in the
+compute dtype (a float32 GEMM by default), and the running count, mean and centred
+sums are kept in float64 and combined with
 
     M = M_a + M_b + (mean_b - mean_a)(mean_b - mean_a)^T * n_a n_b / n.
 
