@@ -259,9 +259,13 @@ class Trace(contextlib.AbstractContextManager):
         self._stop_group: _StopGroup | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.clear()
-        self._handles.append(self.module.register_forward_hook(self._hook, with_kwargs=True))
         if layer is not None:
-            self._handles.append(module.register_forward_pre_hook(self._new_pass))
+            self._handles.append(module.register_forward_pre_hook(self._new_pass, prepend=True))
+        if retain_input:
+            self._handles.append(
+                self.module.register_forward_pre_hook(self._input_hook, with_kwargs=True)
+            )
+        self._handles.append(self.module.register_forward_hook(self._hook, with_kwargs=True))
 
     def clear(self) -> None:
         """Forget everything retained so far (done at the start of each forward pass)."""
@@ -274,7 +278,7 @@ class Trace(contextlib.AbstractContextManager):
 
     def _new_pass(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook on the model: a new pass starts with nothing retained."""
-        if self.calls:
+        if self.calls or self.inputs:
             self.clear()
 
     def _copy(self, x: Any, grad: bool) -> Any:
@@ -296,17 +300,19 @@ class Trace(contextlib.AbstractContextManager):
 
         return map_tensors(copy, x)
 
+    def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: keep the input before the module runs (and can change it in place)."""
+        kept = self._copy(_primary_input(args, kwargs), grad=False)
+        kept_kwargs = self._copy(kwargs, grad=False) if kwargs else {}
+        self.input = kept
+        self.inputs.append(kept)
+        self.input_kwargs = kept_kwargs
+        self.inputs_kwargs.append(kept_kwargs)
+
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """The forward hook: retain input, edit, retain output, maybe stop."""
+        """The forward hook: edit, retain the output, maybe stop."""
         call = self.calls
         self.calls = call + 1
-        if self.retain_input:
-            kept = self._copy(_primary_input(args, kwargs), grad=False)
-            kept_kwargs = self._copy(kwargs, grad=False) if kwargs else {}
-            self.input = kept
-            self.inputs.append(kept)
-            self.input_kwargs = kept_kwargs
-            self.inputs_kwargs.append(kept_kwargs)
         replaced = False
         if self._edit is not None and (self.edit_calls is None or call in self.edit_calls):
             edited = self._edit(output, self.layer)
@@ -421,7 +427,7 @@ class TraceDict(dict, contextlib.AbstractContextManager):
                 )
             if stop and names:
                 group = _StopGroup(self, len(names))
-                self._handles.append(module.register_forward_pre_hook(group.reset))
+                self._handles.append(module.register_forward_pre_hook(group.reset, prepend=True))
                 for trace in self.values():
                     trace._stop_group = group
         except BaseException:

@@ -439,3 +439,15 @@ def test_glob_resolving_to_one_layer_reports_its_path():
     with Trace(model, "[2]", edit_output=lambda out, layer: seen.append(layer)) as t:
         model(torch.randn(1, 4))
     assert t.layer == "2" and seen == ["2"]
+
+
+def test_input_is_kept_before_in_place_modules_change_it():
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(inplace=True))
+    x = torch.randn(16, 3)
+    with torch.no_grad(), TraceDict(model, ["", "1"], retain_input=True, clone=True) as td:
+        model(x)
+        pre_relu = model[0](x)
+    assert (td["1"].input < 0).any()
+    torch.testing.assert_close(td["1"].input, pre_relu)
+    torch.testing.assert_close(td[""].input, x)
+    assert len(td[""].inputs) == 1
