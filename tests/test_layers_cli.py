@@ -80,8 +80,15 @@ def test_weights_option(tmp_path, model_file, capsys):
     torch.save(load_model(f"{model_file}:thrice").state_dict(), tmp_path / "w.pt")
     args = ["layers", f"{model_file}:thrice", "--input-shape", "1,4", "--weights"]
     assert main([*args, str(tmp_path / "w.pt")]) == 0
-    with pytest.raises(FileNotFoundError):
-        main([*args, str(tmp_path / "missing.pt")])
+    capsys.readouterr()
+    assert main([*args, str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_pretrained_spec_without_file_explains(capsys):
+    assert main(["layers", "torchvision:resnet18:IMAGENET1K_V1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nethook layers: ") and "--weights" in err
 
 
 def test_failed_dry_run_shows_what_ran_and_how_to_fix(model_file, capsys):

@@ -115,8 +115,12 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the layer table of ``args.spec``; exit 1 if the dry run failed."""
-    model = load_model(args.spec, weights=args.weights)
+    """Print the layer table of ``args.spec``; exit 1 if the dry run failed, 2 on a bad spec."""
+    try:
+        model = load_model(args.spec, weights=args.weights)
+    except (ValueError, TypeError, LookupError, OSError, ImportError) as exc:
+        print(f"nethook layers: {exc}", file=sys.stderr)
+        return 2
     example = torch.zeros(args.input_shape, dtype=DTYPES[args.input_dtype])
     rows, error = layer_table(model, example)
     if args.json:
