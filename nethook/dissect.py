@@ -380,8 +380,8 @@ def dissect(
     # Pass 1: thresholds (top quantile over every position of every image) and top images.
     pass1: dict[str, Any] = {}
     for layer in layers:
-        pass1[f"q/{layer}"] = _UnitConsumer(Quantile(seed=seed), layer, prepare[layer])
-        pass1[f"top/{layer}"] = _TopImages(TopK(topk), layer, prepare[layer])
+        pass1[f"quantile:{layer}"] = _UnitConsumer(Quantile(seed=seed), layer, prepare[layer])
+        pass1[f"topk:{layer}"] = _TopImages(TopK(topk), layer, prepare[layer])
     run(
         model,
         source,
@@ -391,7 +391,7 @@ def dissect(
         **common,
     )
     thresholds = {
-        layer: pass1[f"q/{layer}"].stat.quantiles([1.0 - quantile])[:, 0].float()
+        layer: pass1[f"quantile:{layer}"].stat.quantiles([1.0 - quantile])[:, 0].float()
         for layer in layers
     }
 
@@ -412,11 +412,11 @@ def dissect(
 
     results: dict[str, xr.Dataset] = {}
     for layer in layers:
-        iou = pass2[layer].stat.iou_xarray().rename({"category": "concept_category"})
+        iou = pass2[layer].stat.iou_xarray()
         ds = label_units(iou, min_iou)
         ds["iou"] = iou.astype(np.float32)
         ds["threshold"] = ("unit", thresholds[layer].cpu().numpy())
-        values, indices = _top(pass1[f"top/{layer}"].stat)
+        values, indices = _top(pass1[f"topk:{layer}"].stat)
         ds["top_index"] = (("unit", "rank"), indices)
         ds["top_value"] = (("unit", "rank"), values)
         ds.attrs = {
@@ -432,7 +432,10 @@ def dissect(
         }
         results[layer] = ds
     if gallery_size:
-        _add_galleries(model, results, source, prepare, gallery_size, device, batch_size)
+        h, w = source[0]["image"].shape[-2:]
+        scale = min(1.0, gallery_size / max(h, w))
+        thumb = (max(1, round(h * scale)), max(1, round(w * scale)))
+        _add_galleries(model, results, source, prepare, thumb, device, batch_size)
     if out is not None:
         save_results(results, out)
     return results
@@ -489,8 +492,10 @@ def _top(stat) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(values.cpu(), dtype=np.float32), np.asarray(indices.cpu(), dtype=np.int64)
 
 
-def _add_galleries(model, results, source, prepare, size: int, device, batch_size: int) -> None:
-    """Add ``top_image`` and ``top_mask`` thumbnails (``size`` pixels) to every layer's dataset."""
+def _add_galleries(
+    model, results, source, prepare, size: tuple[int, int], device, batch_size: int
+) -> None:
+    """Add ``top_image`` and ``top_mask`` thumbnails (``size`` = (h, w)) to every layer's dataset."""
     import torch.nn.functional as F
     from torch.utils.data import Subset
 
@@ -503,8 +508,8 @@ def _add_galleries(model, results, source, prepare, size: int, device, batch_siz
     for layer, ds in results.items():
         u, k = ds["top_index"].shape
         gallery[layer] = (
-            np.zeros((u, k, size, size, 3), dtype=np.uint8),
-            np.zeros((u, k, size, size), dtype=bool),
+            np.zeros((u, k, *size, 3), dtype=np.uint8),
+            np.zeros((u, k, *size), dtype=bool),
         )
     thumbs: dict[int, np.ndarray] = {}
 
@@ -512,7 +517,7 @@ def _add_galleries(model, results, source, prepare, size: int, device, batch_siz
         pos = wanted[batch.positions.cpu().numpy()]
         images = batch.data["image"]
         small = F.interpolate(
-            images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            images.float(), size=size, mode="bilinear", antialias=True, align_corners=False
         )
         small = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         for i, p in enumerate(pos):
@@ -530,7 +535,7 @@ def _add_galleries(model, results, source, prepare, size: int, device, batch_siz
             acts = prepare[layer](batch.acts[layer])
             maps = acts[which.to(acts.device), torch.as_tensor(units).to(acts.device)]
             geo = infer_geometry(model, layer)
-            up = upsample(maps[:, None], (size, size), tuple(images.shape[-2:]), geo)[:, 0]
+            up = upsample(maps[:, None], size, tuple(images.shape[-2:]), geo)[:, 0]
             thr = torch.as_tensor(ds["threshold"].values[units], device=up.device)
             masks = (up >= thr[:, None, None]).cpu().numpy()
             img_store, mask_store = gallery[layer]

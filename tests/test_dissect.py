@@ -194,12 +194,22 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
         np.testing.assert_array_equal(resumed[layer]["iou"].values, reference[layer]["iou"].values)
 
 
-def test_rotation_destroys_planted_detectors() -> None:
-    results = dissect(
-        planted_model(), "1", Planted(), rotate=1.0, seed=3, progress=False, gallery_size=None
-    )
-    assert results["1"].attrs["rotate"] == 1.0
-    assert results["1"]["label_iou"].values.max() < 0.9
+def test_rotation_equals_dissecting_a_rotated_layer() -> None:
+    """--rotate ALPHA measures the layer in the basis Q**alpha: same as a 1x1 conv by Q**alpha."""
+    from nethook.rotation import fractional_rotation, random_rotation
+
+    rotated = dissect(
+        planted_model(), "1", Planted(), rotate=0.5, seed=3, progress=False, gallery_size=None
+    )["1"]
+    q = torch.from_numpy(fractional_rotation(random_rotation(3, 3), 0.5)).float()
+    conv = nn.Conv2d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(q.view(3, 3, 1, 1))
+    explicit = nn.Sequential(*planted_model()[:2], conv).eval()
+    reference = dissect(explicit, "2", Planted(), progress=False, gallery_size=None)["2"]
+    assert rotated.attrs["rotate"] == 0.5
+    np.testing.assert_allclose(rotated["threshold"], reference["threshold"], rtol=1e-5)
+    np.testing.assert_allclose(rotated["iou"], reference["iou"], atol=1e-3)
 
 
 def test_bad_input_is_named() -> None:
