@@ -111,6 +111,8 @@ def _top_rows(a: Array, m: int) -> Array:
     n = a.shape[1]
     if m >= n:
         return a
+    if m <= 0:
+        return a[:, :0].copy() if _is_np(a) else a[:, :0].clone()
     if _is_np(a):
         return np.partition(a, n - m, axis=1)[:, n - m :]
     return torch.sort(a, dim=1).values[:, n - m :]
@@ -465,22 +467,26 @@ class _Levels:
 
     def weight_below(self, t: Array) -> np.ndarray:
         """Per row: total weight of the items ``< t[row]`` (``[C]``, float64)."""
-        values, ids = self.items()
-        w = 2.0**ids
-        if _is_np(values):
-            return (values < t[:, None]) @ w
-        w_t = torch.from_numpy(w).to(values.device)
-        return _numpy((values < t[:, None]).to(w_t.dtype) @ w_t)
+        total = np.zeros(t.shape[0])
+        for h in range(len(self.pieces)):
+            below = self.level(h) < t[:, None]
+            count = np.count_nonzero(below, axis=1) if _is_np(below) else _numpy(below.sum(1))
+            total += count * 2.0**h
+        return total
 
-    def weight_at_most(self, v: Array) -> Array:
+    def weight_at_most(self, v: Array) -> np.ndarray:
         """Per row and query: total weight of items ``<= v`` (``v`` is ``[C, Q]``)."""
-        values, ids = self.items()
-        w = 2.0**ids
-        if _is_np(values):
-            return np.stack([(values <= v[:, j : j + 1]) @ w for j in range(v.shape[1])], 1)
-        w_t = torch.from_numpy(w).to(values.device)
-        cols = [(values <= v[:, j : j + 1]).to(w_t.dtype) @ w_t for j in range(v.shape[1])]
-        return torch.stack(cols, 1)
+        total = np.zeros(tuple(v.shape))
+        for h in range(len(self.pieces)):
+            level = self.level(h)
+            for j in range(v.shape[1]):
+                at_most = level <= v[:, j : j + 1]
+                if _is_np(at_most):
+                    count = np.count_nonzero(at_most, axis=1)
+                else:
+                    count = _numpy(at_most.sum(1))
+                total[:, j] += count * 2.0**h
+        return total
 
     # persistence -----------------------------------------------------------
     def state(self) -> dict[str, Any]:

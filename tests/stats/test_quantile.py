@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +163,15 @@ def test_merge_of_any_split_is_within_bound(seed, parts, kind, order, data):
     assert merged.count == n
     np.testing.assert_array_equal(merged.nan_count.numpy(), np.isnan(x).sum(0))
     assert_within_bound(merged, x)
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_sorted_streams_stay_within_the_reported_bound(order):
+    """Drift is the threshold's worst case: the bound reported per q still holds."""
+    x = np.sort(make_data(8, 60_000, 2, "normal", 0.0), axis=0)
+    x = x if order == "ascending" else x[::-1].copy()
+    sketch = feed(Quantile(**SMALL), torch.from_numpy(x), list(range(0, 60_000, 4000)))
+    assert_within_bound(sketch, x)
 
 
 def test_merge_is_exact_while_small_and_associative():
@@ -376,3 +388,13 @@ def test_bad_input_is_named():
         from_state_dict(sd)
     with pytest.raises(ValueError, match="tail must be"):
         Quantile(tail=0.7)
+
+
+def test_docs_example_runs():
+    """The python examples of the Quantile section of docs/stats.md run as written."""
+    doc = (Path(__file__).parents[2] / "docs" / "stats.md").read_text()
+    section = doc.split("\n## Quantile\n", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert examples
+    for example in examples:
+        exec(compile(example, "docs/stats.md (Quantile)", "exec"), {})
