@@ -249,6 +249,8 @@ class StoreWriter:
             while True:
                 item = self._queue.get()
                 if item is None:
+                    if self.store is not None:
+                        self.store.flush()
                     return
                 self._absorb(*item)
         except BaseException as exc:  # handed to the main thread
@@ -278,7 +280,7 @@ class StoreWriter:
                     ]
                 self._filled[block] += take
                 if self._filled[block] == b_stop - b_start:
-                    store.write_block(block, self._buffers.pop(block))
+                    store.write_block(block, self._buffers.pop(block), background=True)
                     del self._filled[block]
                     self._done_blocks.add(block)
             pos += take

@@ -30,7 +30,7 @@ import sys
 import uuid
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,8 @@ class ActivationStore:
         self.storage_options = storage_options
         self.identity: dict[str, Any] = dict(group.attrs["nethook"])
         self._manifest: zarr.Array = group["manifest"]
+        self._pending: list[Future] = []
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         self._arrays: dict[str, zarr.Array] = {
             name: group[f"layers/{name}/activations"] for name in self.layers
         }
@@ -249,6 +251,12 @@ class ActivationStore:
                 f"sample_ids has shape {sample_ids.shape}, expected ({samples},) for "
                 f"samples={samples}"
             )
+        if "://" not in path and os.path.isdir(path) and os.listdir(path):
+            if not os.path.exists(os.path.join(path, "zarr.json")):
+                raise StoreError(
+                    f"{path} is a non-empty directory that is not a Zarr store; "
+                    "refusing to write a store over it"
+                )
         existing = _try_open_group(path, storage_options)
         if existing is not None and (len(list(existing.keys())) or existing.attrs):
             if "nethook" in existing.attrs:
@@ -517,15 +525,20 @@ class ActivationStore:
 
     # ---- writing ---------------------------------------------------------------
 
-    def write_block(self, block: int, data: Mapping[str, np.ndarray]) -> None:
+    def write_block(
+        self, block: int, data: Mapping[str, np.ndarray], *, background: bool = False
+    ) -> None:
         """Write one whole block (every layer) and then mark it complete.
 
         ``data[layer]`` is ``[stop - start, *sample_shape]`` already in the storage
         dtype (see :func:`to_storage`). The manifest entry is written only after every
         chunk is written and, on a local disk, fsynced; so a crash at any moment leaves
         the block either complete or absent from the manifest. Checksums are computed
-        alongside the writes (both release the GIL).
+        alongside the writes (both release the GIL). With ``background`` the fsyncs and
+        the manifest entry happen in a thread while the caller goes on (the disk
+        flushes block k while block k+1 is written); :meth:`flush` waits for them.
         """
+        self._raise_background_error()
         start, stop = self.block_range(block)
         stored = storage_dtype(self.dtype)
         if set(data) != set(self.layers):
@@ -543,52 +556,69 @@ class ActivationStore:
                     f"expected {stored}{list(expected)}"
                 )
             arrays.append(values)
-        with ThreadPoolExecutor(1, thread_name_prefix="nethook-crc") as pool:
-            crcs = [pool.submit(self._checksum, values) for values in arrays]
-            for layer, values in zip(self.layers, arrays, strict=True):
-                try:
-                    self._write_chunk(layer, block, values)
-                except OSError as exc:
-                    raise _write_error(
-                        exc, self.path, f"write samples {start}..{stop - 1}"
-                    ) from exc
-            row = np.array([1] + [f.result() for f in crcs], np.uint64)
+        pool = self._pool()
+        crcs = [pool.submit(self._checksum, values) for values in arrays]
+        paths = []
         try:
-            self._manifest[block : block + 1] = row[None]
-            self._sync_paths([self._chunk_path(self._manifest, (block, 0))])
+            for layer, values in zip(self.layers, arrays, strict=True):
+                paths.append(self._write_chunk(self._arrays[layer], block, values))
+        except OSError as exc:
+            raise _write_error(exc, self.path, f"write samples {start}..{stop - 1}") from exc
+        finally:
+            row = np.array([1] + [f.result() for f in crcs], np.uint64)
+        finish = self._pool("sync").submit(self._finish_block, block, paths, row)
+        self._pending.append(finish)
+        while len(self._pending) > (2 if background else 0):
+            self._pending.pop(0).result()
+
+    def flush(self) -> None:
+        """Wait until every block written in the background is durable and marked complete."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def _raise_background_error(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        for f in done:
+            self._pending.remove(f)
+            f.result()
+
+    def _finish_block(self, block: int, paths: list[Path | None], row: np.ndarray) -> None:
+        """fsync a block's chunks, then write (and fsync) its manifest entry."""
+        try:
+            self._sync_paths(paths)
+            manifest = self._direct_chunk_path(self._manifest, block)
+            if manifest is None:
+                self._manifest[block : block + 1] = row[None]
+            else:
+                _write_file(manifest, row[None], sync=True)
         except OSError as exc:
             raise _write_error(exc, self.path, f"finish block {block}") from exc
 
-    def _write_chunk(self, layer: str, block: int, values: np.ndarray) -> None:
-        """Write one block of ``layer``: straight to its chunk file when that is exact.
+    def _pool(self, kind: str = "crc") -> ThreadPoolExecutor:
+        """One worker thread per kind: checksums, and (ordered) block completion."""
+        if kind not in self._pools:
+            self._pools[kind] = ThreadPoolExecutor(1, thread_name_prefix=f"nethook-store-{kind}")
+        return self._pools[kind]
+
+    def _write_chunk(self, arr: zarr.Array, block: int, values: np.ndarray) -> Path | None:
+        """Write one block of ``arr``; return the chunk file to fsync (None if not local).
 
         An uncompressed, unsharded chunk on a local disk is, by the Zarr v3 spec, the
         block's raw little-endian bytes (edge chunks padded with the fill value), so it
-        is written directly (temp file, fsync, rename): zarr's encode pipeline is
-        CPU-bound here and costs more than the disk. Every other layout goes through zarr.
+        is written straight to its file (temp name, then rename): zarr's encode pipeline
+        is CPU-bound here and costs more than the disk. Other layouts go through zarr.
         """
-        arr = self._arrays[layer]
         path = self._direct_chunk_path(arr, block)
         if path is None:
-            start, stop = self.block_range(block)
-            arr[start:stop] = values
-            self._sync_paths([self._chunk_path(arr, (block,) + (0,) * (arr.ndim - 1))])
-            return
-        if values.shape[0] < self.block_samples:
-            padded = np.zeros((self.block_samples, *values.shape[1:]), values.dtype)
+            start = block * arr.chunks[0] if arr.shards is None else block * arr.shards[0]
+            arr[start : start + values.shape[0]] = values
+            return self._chunk_path(arr, (block,) + (0,) * (arr.ndim - 1))
+        if values.shape[0] < arr.chunks[0]:
+            padded = np.zeros((arr.chunks[0], *values.shape[1:]), values.dtype)
             padded[: values.shape[0]] = values
             values = padded
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(memoryview(np.ascontiguousarray(values)).cast("B"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_file(path, values, sync=False)
+        return path
 
     def _direct_chunk_path(self, arr: zarr.Array, block: int) -> Path | None:
         from zarr.codecs import BytesCodec
@@ -889,6 +919,22 @@ def _compressors(name: str | None) -> Any:
     from zarr.codecs import BloscCodec, ZstdCodec
 
     return ZstdCodec(level=1) if name == "zstd" else BloscCodec(cname="lz4", clevel=5)
+
+
+def _write_file(path: Path, values: np.ndarray, sync: bool) -> None:
+    """Write an array's raw bytes to ``path`` atomically (temp name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(memoryview(np.ascontiguousarray(values)).cast("B"))
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync(path: Path) -> None:

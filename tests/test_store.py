@@ -12,6 +12,7 @@ import torch
 import zarr
 
 import nethook
+import nethook.store as store_module
 from nethook.store import (
     ActivationStore,
     CorruptBlockError,
@@ -209,27 +210,29 @@ def test_missing_store_and_foreign_group(tmp_path):
         make(tmp_path / "g.zarr")
 
 
+@pytest.mark.parametrize("compressor", [None, "zstd"])  # direct chunk files / zarr's path
 @pytest.mark.parametrize(
     ("code", "message"), [(errno.ENOSPC, "disk is full"), (errno.EACCES, "permission denied")]
 )
-def test_write_failure_is_clear_and_store_stays_resumable(tmp_path, monkeypatch, code, message):
+def test_write_failure_is_clear_and_store_stays_resumable(
+    tmp_path, monkeypatch, code, message, compressor
+):
     path = tmp_path / "s.zarr"
     data = truth()
-    store = make(path)
+    store = make(path, compressor=compressor)
     write_all(store, data, blocks=[0])
-    array_type = type(store._arrays["fc"])
-    original = array_type.__setitem__
 
-    def failing(self, key, value):
+    def failing(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(array_type, "__setitem__", failing)
-    with pytest.raises(StoreError, match=message) as info:
-        write_all(store, data, blocks=[1])
+    with monkeypatch.context() as patch:
+        patch.setattr(type(store._arrays["fc"]), "__setitem__", failing)
+        patch.setattr(store_module, "_write_file", failing)
+        with pytest.raises(StoreError, match=message) as info:
+            write_all(store, data, blocks=[1])
     assert "rerun the same command to resume" in str(info.value)
-    monkeypatch.setattr(array_type, "__setitem__", original)
     resumed = ActivationStore.open_or_create(
-        path, layers=SHAPES, samples=10, block_samples=4, attrs=ATTRS
+        path, layers=SHAPES, samples=10, block_samples=4, attrs=ATTRS, compressor=compressor
     )
     assert resumed.completed_blocks().tolist() == [0]
     write_all(resumed, data, blocks=resumed.missing_blocks())
@@ -302,3 +305,11 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
             mine = (tmp_path / "fast.zarr" / arr.path / key).read_bytes()
             theirs = (tmp_path / f"zarr-{name}.zarr" / key).read_bytes()
             assert mine == theirs, f"{name} block {block}"
+
+
+def test_a_directory_of_other_files_is_never_overwritten(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a Zarr store"):
+        make(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
