@@ -22,6 +22,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,10 @@ def _torchvision_model(spec: str, name: str, extra: str, weights: str | Path | N
         value = kwargs.pop(key, None)
         if value not in (None, False) and weights is None:
             raise ValueError(_download_hint(spec, name, str(value)))
-    return torchvision.models.get_model(name, weights=None, **kwargs)
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None  # its default would download a backbone
+    return builder(weights=None, **kwargs)
 
 
 def _weights_names(name: str) -> set[str]:

@@ -159,3 +159,15 @@ def test_parse_spec():
     assert parse_spec("torchvision:resnet18") == ("torchvision", "resnet18", "")
     assert parse_spec("a/b.py:make:x=1") == ("a/b.py", "make", "x=1")
     assert parse_spec("pkg.mod:Cls.build") == ("pkg.mod", "Cls.build", "")
+
+
+def test_backbone_weights_are_never_downloaded(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_model tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    model = load_model("torchvision:lraspp_mobilenet_v3_large:num_classes=2")
+    assert model.classifier.low_classifier.out_channels == 2
