@@ -63,9 +63,9 @@ class IoU(Stat):
             names the indices (default ``"0"``, ``"1"``, ...).
         concept_names: names indexed by concept id (taken from the DataFrame when
             given one), used as a coordinate of the xarray results.
-        chunk_bytes: memory bound for the float mask block of one GEMM; batches of
-            any size are processed in chunks of images (and of pixels, when one
-            image alone exceeds it).
+        chunk_bytes: memory bound for the float mask block of one GEMM (per worker
+            thread); batches of any size are processed in chunks of images (and of
+            pixels, when one image alone exceeds it).
         method: how a block of masks is tallied: ``"sparse"`` (indices of the on
             pixels, then one bincount; cost grows with the mask's density),
             ``"gemm"`` (compact one-hot GEMM; cost independent of density), or
@@ -74,7 +74,8 @@ class IoU(Stat):
             identical tallies.
 
     Each update computes on the device of ``masks``; the (small) tallies move
-    there too. Readouts are torch tensors on the stat's device.
+    there too. On CPU, ranges of images are tallied in parallel threads, one per
+    torch thread. Readouts are torch tensors on the stat's device.
     """
 
     version = 1
@@ -283,8 +284,10 @@ class IoU(Stat):
         n_chunk = max(1, min(stop - start, self.chunk_bytes // per_image))
         p_chunk = p if per_image <= self.chunk_bytes else max(1, self.chunk_bytes // (u * item))
         size = n_chunk * u * min(p, p_chunk)
-        float_buf = torch.empty(size, dtype=dtype, device=dev)
-        bool_buf = torch.empty(size, dtype=torch.bool, device=dev)
+        buffers = (
+            torch.empty(size, dtype=dtype, device=dev),
+            torch.empty(size, dtype=torch.bool, device=dev),
+        )
         cat_onehot = torch.zeros(c, self.num_categories, dtype=torch.float64, device=dev)
         cats = torch.as_tensor(self.concept_category, device=dev)
         real = torch.nonzero(cats >= 0).reshape(-1)
@@ -305,28 +308,7 @@ class IoU(Stat):
                     f"IoU.update: labels contain concept ids {unknown[:10].tolist()} that "
                     "are not in the concept table"
                 )
-            area = torch.zeros(i1 - i0, u, dtype=torch.int64, device=dev)
-            gemm = _GemmTally(chunk, u, dtype) if self.method == "gemm" else None
-            for p0 in range(0, p, p_chunk):
-                p1 = min(p, p0 + p_chunk)
-                shape = (i1 - i0, u, p1 - p0)
-                block = masks[i0:i1, :, p0:p1]
-                count = shape[0] * shape[1] * shape[2]
-                if self.method == "gemm" or (self.method == "auto" and dev.type != "cpu"):
-                    gemm = gemm or _GemmTally(chunk, u, dtype)
-                    gemm.add(_float_mask(block, thr, float_buf[:count].view(shape)), p0)
-                    continue
-                on = _bool_mask(block, thr, bool_buf[:count].view(shape))
-                if self.method == "auto" and _count_nonzero(on) > _SPARSE_DENSITY * count:
-                    gemm = gemm or _GemmTally(chunk, u, dtype)
-                    gemm.add(float_buf[:count].view(shape).copy_(on.view(torch.uint8)), p0)
-                    continue
-                area += _sparse_block(on, p0, chunk.pixel, out["_intersection"])
-            out["_intersection"][:, 0] = 0
-            rows, ids = chunk.whole_pairs
-            out["_intersection"].index_add_(1, ids, area[rows].T)
-            if gemm is not None:
-                area += gemm.finish(out["_intersection"])
+            area = self._tally_masks(masks[i0:i1], thr, chunk, p_chunk, buffers, out)
             out["_label_area"] += chunk.label_area(p)
             has_category = (chunk.present.to(torch.float64) @ cat_onehot > 0).to(torch.float64)
             out["_unit_area"] += area.T.to(torch.float64) @ has_category
@@ -334,6 +316,47 @@ class IoU(Stat):
             out["_category_images"] += has_category.sum(0).to(torch.int64)
         out["_unit_area"] = out["_unit_area"].round_().to(torch.int64)
         return out
+
+    def _tally_masks(
+        self,
+        masks: torch.Tensor,
+        thr: torch.Tensor | None,
+        chunk: _ChunkLabels,
+        p_chunk: int,
+        buffers: tuple[torch.Tensor, torch.Tensor],
+        out: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Add a chunk's intersections to ``out``; return its unit areas ``[n, U]``.
+
+        The chunk's masks ``[n, U, P]`` are cut into pixel blocks of ``p_chunk``;
+        each is tallied sparsely or by GEMM (see :attr:`method`), using the float
+        and bool ``buffers``.
+        """
+        n, u, p = masks.shape
+        float_buf, bool_buf = buffers
+        dense = self.method == "gemm" or (self.method == "auto" and masks.device.type != "cpu")
+        gemm = None
+        area = torch.zeros(n, u, dtype=torch.int64, device=masks.device)
+        for p0 in range(0, p, p_chunk):
+            block = masks[:, :, p0 : p0 + p_chunk]
+            shape = tuple(block.shape)
+            count = shape[0] * shape[1] * shape[2]
+            if dense:
+                gemm = gemm or _GemmTally(chunk, u, float_buf.dtype)
+                gemm.add(_float_mask(block, thr, float_buf[:count].view(shape)), p0)
+                continue
+            on = _bool_mask(block, thr, bool_buf[:count].view(shape))
+            if self.method == "auto" and _count_nonzero(on) > _SPARSE_DENSITY * count:
+                gemm = gemm or _GemmTally(chunk, u, float_buf.dtype)
+                gemm.add(float_buf[:count].view(shape).copy_(on.view(torch.uint8)), p0)
+                continue
+            area += _sparse_block(on, p0, chunk.pixel, out["_intersection"])
+        out["_intersection"][:, 0] = 0
+        rows, ids = chunk.whole_pairs
+        out["_intersection"].index_add_(1, ids, area[rows].T)
+        if gemm is not None:
+            area += gemm.finish(out["_intersection"])
+        return area
 
     # ------------------------------------------------------------------ results
     def intersection(self) -> torch.Tensor:
