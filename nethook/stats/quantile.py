@@ -5,20 +5,25 @@ stacks (``[C, n_h]`` arrays, one per level ``h``, items of weight ``2**h``):
 
 * the **body** sees every value and answers ranks below the tail threshold;
 * the **tail** sees only the values at or above a per-channel threshold ``t_c``
-  (plus a few fillers so all channels keep the same length), set near the
+  (padded with ``-inf`` so all channels keep the same length), set near the
   ``1 - tail`` quantile (default ``tail=0.02``) once the body first compacts, and
   only ever raised. Every value ``>= t_c`` has therefore entered the tail, so for
   any ``v >= t_c`` the count of values above ``v`` comes from the tail alone,
   whose error scales with the tail's ~2% share of the stream rather than with
-  ``N``. This is what makes q in [0.99, 0.999] ~20x more accurate than a
+  ``N``. This is what makes q in [0.99, 0.999] ~10x more accurate than a
   uniform-error KLL of the same memory (``docs/stats.md`` has the figures).
+  The threshold only rises: on a stream whose values fall over time the tail
+  may cover less than the top ``tail`` share, and ranks below it get the body's
+  (reported) bound.
 
 Why hand-written: DataSketches KLL/REQ are scalar per-channel objects (a Python
 loop over 512 channels, ~30 M values/s) and KLL's error is uniform over ranks;
 t-digest interpolates through ties and misses the median of ReLU channels (mostly
 exact zeros). Here one numpy/torch call compacts all channels; the CPU path uses
 numpy (sort/partition of ``[C, B]`` rows run 3.5-14x faster than torch's on CPU),
-CUDA tensors stay in torch.
+CUDA tensors stay in torch. On CPU each 512-row chunk of a batch is transposed
+into a cache-sized buffer, sorted, and its first three compactions are fused into
+one strided pick, so a batch is never transposed or sorted as a whole.
 
 Error bound (stated and tested). A compaction sorts a chunk of ``k_h`` items and
 keeps every other one from a random offset; for any query value it changes the
@@ -32,13 +37,14 @@ and ``n`` the channel's non-NaN count. ``V`` is the body's for ranks answered by
 the body and the tail's for ranks in the tail region. :meth:`rank_error_bound`
 returns these bounds for the state at hand. With the defaults (``k=4096``,
 ``tail_k=1024``, ``tail=0.02``) and i.i.d. data the bound at ``delta=1e-6``
-is about 1.3e-3 for the body and 1.1e-4 for the tail; observed errors are 3-5x
-smaller (max over 512 channels ~3e-4 in the body, ~3e-5 at q in [0.99, 0.999]).
+is about 1.5e-3 for the body and 1.1e-4 for the tail; observed errors are 3-5x
+smaller (max over 512 channels ~5e-4 in the body, ~3e-5 at q in [0.99, 0.999]).
 Results are exact while ``N <= k`` (nothing compacted yet), and ``min()``,
 ``max()``, ``count`` and ``nan_count`` are always exact.
 
 Memory: at most ``~3k + 3 tail_k`` items per channel plus ``k_min`` per extra
-level: under 64 KiB per channel (float32) for ``N < 2**40``.
+level (:meth:`Quantile.max_nbytes_per_channel`): under 64 KiB per channel
+(float32) for ``N <= 2**36``.
 
 NaN values are counted (``nan_count``) and excluded from ranks (internally they
 sort above ``+inf``); ``+-inf`` are ordinary values. Quantiles follow the
@@ -199,23 +205,15 @@ def _numpy(a: Array) -> np.ndarray:
     return a if _is_np(a) else a.detach().cpu().numpy()
 
 
-def _random_offsets(seed: int, stream: int, counter: int, probe: Array, shape, high: int):
-    """Reproducible random ints in ``[0, high)`` for a fused compaction (see ``_random_bits``)."""
-    fingerprint = int(np.ascontiguousarray(_numpy(probe)).view(np.uint8).sum())
-    rng = np.random.default_rng([seed, stream, 0, counter, fingerprint, high])
-    return rng.integers(0, high, size=shape, dtype=np.int64)
-
-
-def _random_bits(seed: int, stream: int, level: int, counter: int, probe: Array, n: int):
-    """``n`` reproducible random bits for one compaction call.
+def _compaction_rng(seed: int, stream: int, level: int, counter: int, probe: Array):
+    """The reproducible random generator of one compaction call.
 
     Seeded by the sketch seed, which stack and level compacts, the level's
-    compaction counter and a fingerprint of the sorted chunk (so shards merged
-    from sketches with equal seeds do not reuse each other's bits).
+    compaction counter and a fingerprint of the data being compacted (so shards
+    merged from sketches with equal seeds do not reuse each other's offsets).
     """
     fingerprint = int(np.ascontiguousarray(_numpy(probe)).view(np.uint8).sum())
-    rng = np.random.default_rng([seed, stream, level, counter, fingerprint])
-    return rng.integers(0, 2, size=n, dtype=np.int64).astype(bool)
+    return np.random.default_rng([seed, stream, level, counter, fingerprint])
 
 
 # ---------------------------------------------------------------------------
@@ -337,9 +335,9 @@ class _Levels:
     def extend_compacted(self, a: np.ndarray) -> None:
         """Add a ``[B, C]`` numpy batch, compacting its full chunks on the fly.
 
-        Each chunk of ``k_min`` rows is transposed into a cache-resident buffer and
+        Each chunk of ``_CHUNK`` rows is transposed into a cache-resident buffer and
         sorted there; ``_FUSED`` compactions in a row (levels ``0 .. _FUSED-1``,
-        chunks of ``k_min``, ``k_min/2``, ...) then reduce to a single strided
+        chunks of ``_CHUNK``, ``_CHUNK/2``, ...) then reduce to a single strided
         pick: item ``o + 2**_FUSED * i`` with a random offset ``o`` whose bits are
         the random parities of the successive compactions. Only one item in
         ``2**_FUSED`` ever reaches the upper levels. Smaller chunks at the bottom
@@ -349,9 +347,8 @@ class _Levels:
         rows, channels = a.shape
         chunks = rows // cap
         if chunks:
-            offsets = _random_offsets(
-                self.seed, self.stream, self.compactions[0], a[0, :16], (chunks, channels), step
-            )
+            rng = _compaction_rng(self.seed, self.stream, 0, self.compactions[0], a[0, :16])
+            offsets = rng.integers(0, step, size=(chunks, channels), dtype=np.int64)
             width = cap // step
             picks = np.arange(0, cap, step)[None, :]
             out = np.empty((channels, chunks * width), a.dtype)
@@ -406,9 +403,8 @@ class _Levels:
             block.sort(axis=2)
         else:
             block = torch.sort(block, dim=2).values
-        bits = _random_bits(
-            self.seed, self.stream, h, self.compactions[h], block[0, 0, :16], rows * chunks
-        ).reshape(rows, chunks, 1)
+        rng = _compaction_rng(self.seed, self.stream, h, self.compactions[h], block[0, 0, :16])
+        bits = rng.integers(0, 2, size=(rows, chunks, 1), dtype=np.int64).astype(bool)
         pairs = block.reshape(rows, chunks, cap // 2, 2)
         if _is_np(block):
             kept = np.where(bits, pairs[..., 1], pairs[..., 0])
@@ -621,7 +617,8 @@ class Quantile(Stat):
         if _numpy_on(self._device):
             self._update_numpy(_numpy_batch(x, self._dtype))
         else:
-            self._update_torch(x.detach().to(self._dtype).t().contiguous())
+            rows = x.detach().to(self._dtype).t().contiguous()
+            self._update_torch(rows.clone() if rows.data_ptr() == x.data_ptr() else rows)
         self.count += x.shape[0]
         self._settle()
 
