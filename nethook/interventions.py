@@ -31,10 +31,12 @@ the rest of the structure.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
+
+from nethook.trace import map_tensors
 
 __all__ = [
     "REGISTRY",
@@ -146,7 +148,7 @@ class Intervention:
             self._cache[key] = torch.as_tensor(values, dtype=dtype, device=like.device)
         return self._cache[key]
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         """The value the selected units take inside the region (``r``: their values)."""
         raise NotImplementedError
 
@@ -214,7 +216,7 @@ class Intervention:
                 )
             index = self._constant("units", self.units, x, torch.long)
             r = x.index_select(cdim, index)
-        target = self.target(r, list(x.shape)).to(x.dtype)
+        target = self.target(r).to(x.dtype)
         region = self._region(x, cdim)
         new = target if region is None else r + region * (target - r)
         if index is None:
@@ -254,33 +256,18 @@ class Intervention:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-def _map_first_tensor(fn, output: Any) -> Any:
+def _map_first_tensor(fn: Callable[[torch.Tensor], torch.Tensor], output: Any) -> Any:
     """Apply ``fn`` to the first tensor in ``output`` (depth first), keeping the structure."""
     done = False
 
-    def visit(x: Any) -> Any:
+    def first_only(t: torch.Tensor) -> torch.Tensor:
         nonlocal done
         if done:
-            return x
-        if isinstance(x, torch.Tensor):
-            done = True
-            return fn(x)
-        if isinstance(x, tuple):
-            items = [visit(v) for v in x]
-            if hasattr(x, "_fields"):
-                return type(x)(*items)
-            return tuple(items) if type(x) is tuple else type(x)(items)
-        if isinstance(x, list):
-            return [visit(v) for v in x]
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            changes = {f.name: visit(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
-            return dataclasses.replace(x, **changes)
-        if isinstance(x, dict):
-            items = {k: visit(v) for k, v in x.items()}
-            return items if type(x) is dict else type(x)(items)
-        return x
+            return t
+        done = True
+        return fn(t)
 
-    result = visit(output)
+    result = map_tensors(first_only, output)
     if not done:
         raise ValueError(f"output holds no tensor to edit ({type(output).__name__})")
     return result
@@ -291,7 +278,7 @@ def _map_first_tensor(fn, output: Any) -> Any:
 class Ablate(Intervention):
     """Set ``units`` to zero (inside the region)."""
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(r)
 
 
@@ -306,7 +293,7 @@ class Replace(Intervention):
         super().__post_init__()
         self.values = _floats(self.values, "values")
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         return self.per_unit(self.values, r, "values").expand_as(r)
 
 
@@ -321,7 +308,7 @@ class Scale(Intervention):
         super().__post_init__()
         self.factor = _floats(self.factor, "factor")
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         return r * self.per_unit(self.factor, r, "factor")
 
 
@@ -342,7 +329,7 @@ class AddDirection(Intervention):
             self.direction = [self.direction]
         self.scale = float(self.scale)
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         return r + self.scale * self.per_unit(self.direction, r, "direction")
 
 
@@ -365,7 +352,7 @@ class PartialAblate(Intervention):
         super().__post_init__()
         self.alpha = _alpha(self.alpha)
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         return (1 - self.per_unit(self.alpha, r, "alpha")) * r
 
 
@@ -382,6 +369,6 @@ class PartialInsert(Intervention):
         self.values = _floats(self.values, "values")
         self.alpha = _alpha(self.alpha)
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         a = self.per_unit(self.alpha, r, "alpha")
         return a * self.per_unit(self.values, r, "values") + (1 - a) * r

@@ -243,7 +243,7 @@ def test_registry_accepts_new_kinds():
     class Negate(Intervention):
         """Flip the sign of the units."""
 
-        def target(self, r, shape):
+        def target(self, r):
             return -r
 
     try:
