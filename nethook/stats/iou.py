@@ -69,7 +69,7 @@ class IoU(Stat):
         method: how a block of masks is tallied: ``"sparse"`` (indices of the on
             pixels, then one bincount; cost grows with the mask's density),
             ``"gemm"`` (compact one-hot GEMM; cost independent of density), or
-            ``"auto"`` (GEMM on accelerators; on CPU sparse for blocks at most 2%
+            ``"auto"`` (GEMM on accelerators; on CPU sparse for blocks at most 5%
             on, as thresholded dissection masks are, GEMM otherwise). All give
             identical tallies.
 
@@ -530,7 +530,7 @@ _TALLIES = ("_intersection", "_label_area", "_unit_area", "_unit_area_total", "_
 
 
 _METHODS = ("auto", "gemm", "sparse")
-_SPARSE_DENSITY = 0.02
+_SPARSE_DENSITY = 0.05
 
 
 class _ChunkLabels:
