@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nethook.layers import resolve_layer as _module
 from nethook.rewrite.memory import LinearMemory
 
 FORMAT_VERSION = 1
@@ -176,15 +177,3 @@ def _recompute(module: nn.Module, model: nn.Module) -> None:
         for key in sorted(ledger["edits"]):
             total += ledger["edits"][key].delta(model)
         module.weight.copy_((base.to(torch.float64) + total).to(base.dtype))
-
-
-def _module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        import difflib
-
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"model has no layer {name!r}{hint}") from None

@@ -121,7 +121,7 @@ def test_bad_inputs_name_what_was_expected():
         insert(model, "0", torch.randn(4), torch.randn(3), torch.eye(3, dtype=torch.float64))
     named = nn.Sequential()
     named.add_module("proj", nn.Linear(4, 3))
-    with pytest.raises(KeyError, match="did you mean proj"):
+    with pytest.raises(LookupError, match="closest: 'proj'"):
         insert(named, "prj", torch.randn(4), torch.randn(3), C)
 
 
