@@ -451,3 +451,10 @@ def test_input_is_kept_before_in_place_modules_change_it():
     torch.testing.assert_close(td["1"].input, pre_relu)
     torch.testing.assert_close(td[""].input, x)
     assert len(td[""].inputs) == 1
+
+
+def test_bad_edit_output_is_refused_before_hooks():
+    model = zoo.counted_chain()
+    with pytest.raises(TypeError, match="edit_output must be callable, got int"):
+        TraceDict(model, ["0", "1"], edit_output=5)
+    assert zoo.hook_counts(model) == 0
