@@ -26,7 +26,7 @@ UNITS = 12
 CAUSAL = (2, 5, 7)
 DECOY = 9
 GAIN = 6.0
-BIAS = 1.5
+BIAS = 5.0
 
 
 class Render(nn.Module):
