@@ -1,6 +1,6 @@
 """Train the demo scene CNN on procedural scenes (seeded, CPU, a few minutes).
 
-    python -m nethook.demo.train_scene_cnn [--train 8000] [--test 1000] [--epochs 8]
+    python -m nethook.demo.train_scene_cnn [--train 4000] [--test 1000] [--epochs 8]
         [--out nethook/demo/scene_cnn.safetensors]
 
 Images come from the ``scenes`` concept-source plugin (train and held-out sets drawn
@@ -75,7 +75,7 @@ def accuracy(
 
 
 def train(
-    train_n: int = 8000,
+    train_n: int = 4000,
     test_n: int = 1000,
     epochs: int = 8,
     batch_size: int = 64,
@@ -146,7 +146,7 @@ def save(model: torch.nn.Module, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=8000, help="training images")
+    parser.add_argument("--train", type=int, default=4000, help="training images")
     parser.add_argument("--test", type=int, default=1000, help="held-out images")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
