@@ -607,6 +607,8 @@ class Quantile(Stat):
         x = check_batch(x, self.channels, "Quantile")
         if x.is_complex():
             raise ValueError(f"Quantile.update expects real values, got dtype {x.dtype}")
+        if x.shape[1] == 0:
+            raise ValueError("Quantile.update expects at least one channel, got shape [N, 0]")
         if self.channels is None:
             self._init(x.shape[1], x.device, x.dtype)
         elif x.device != self._device:

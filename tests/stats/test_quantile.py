@@ -229,16 +229,16 @@ def tail_errors(n: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     return errors.max(0), sketch.rank_error_bound(qs).numpy().max(0)
 
 
-def test_tails_are_accurate_at_two_million():
-    errors, bound = tail_errors(2_000_000, 4)
+def test_tails_are_accurate_at_ten_million():
+    errors, bound = tail_errors(10_000_000, 2)
     assert (errors[2:] <= 1e-4).all(), errors
     assert (bound[2:] <= 1.5e-4).all(), bound  # the stated tail bound
     assert (bound[:2] <= 2e-3).all(), bound  # the stated body bound
 
 
 @pytest.mark.slow
-def test_tails_are_accurate_at_ten_million():
-    errors, bound = tail_errors(10_000_000, 8, seed=1)
+def test_tails_are_accurate_at_ten_million_on_many_channels():
+    errors, bound = tail_errors(10_000_000, 16, seed=1)
     assert (errors[2:] <= 1e-4).all(), errors
     assert (bound[2:] <= 1.5e-4).all(), bound
 
@@ -367,6 +367,8 @@ def test_xarray_accessors():
 
 def test_bad_input_is_named():
     sketch = Quantile()
+    with pytest.raises(ValueError, match="at least one channel"):
+        sketch.update(torch.zeros(3, 0))
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         sketch.update(torch.zeros(3, 2, 2))
     sketch.update(torch.zeros(3, 2))
