@@ -9,7 +9,9 @@ Side by side in one run, float32, C = 512, batches of 8192 rows:
   naive float32 ``E[xx^T] - mu mu^T``, for ``Covariance()`` and for
   ``Covariance(dtype=torch.float64)``, against numpy float64.
 
-Run: ``.venv/bin/python benchmarks/bench_covariance.py [--batches 8] [--repeats 5]``.
+Run: ``.venv/bin/python benchmarks/bench_covariance.py [--batches 8] [--repeats 5]
+[--threads N]``. On a shared machine the ratio is the figure to read; ``--threads 1``
+makes it less sensitive to other processes competing for the cores.
 """
 
 from __future__ import annotations
@@ -75,7 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=8, help="batches of 8192 rows per pass")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, C={CHANNELS}, batch={BATCH}"

@@ -341,3 +341,26 @@ def test_jumping_mean_keeps_accuracy(kind):
     ref = x.astype(np.float64)
     assert rel_err(stat.variance(), ref.var(0, ddof=1)) <= 1e-6
     assert np.all(np.abs(stat.mean().numpy() - ref.mean(0)) <= 1e-6 * ref.std(0))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 1000),
+    c=st.one_of(st.integers(1, 6), st.integers(32, 48)),
+    dtype=st.sampled_from(
+        [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32]
+    ),
+)
+def test_input_dtypes(seed, n, c, dtype):
+    """Half, bfloat16 and integer inputs are computed in float32, float64 input in
+    float64; each against numpy float64 on the very same values."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(drifting(rng, n, c, 100.0) * 10).to(dtype)
+    stat = Covariance()
+    for part in x.split(max(1, n // 3)):
+        stat.update(part)
+    ref = np.atleast_2d(np.cov(x.double().numpy(), rowvar=False))
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    if np.linalg.norm(ref) > 0:
+        assert rel_err(stat.covariance(), ref) <= tol
