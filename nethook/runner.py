@@ -50,7 +50,6 @@ from nethook.store import (
     from_storage,
     read_identity,
     storage_dtype,
-    to_storage,
 )
 
 CHECKPOINT_VERSION = 1
@@ -257,11 +256,12 @@ class StoreWriter:
             self._error = exc
 
     def _absorb(self, start: int, acts: dict[str, torch.Tensor]) -> None:
+        """Cast a batch into its blocks' buffers (one pass); write blocks that fill up."""
         store = self.store
         assert store is not None
         size = store.block_samples
+        stored = storage_dtype(store.dtype)
         n = next(iter(acts.values())).shape[0]
-        converted = {name: to_storage(t, store.dtype) for name, t in acts.items()}
         pos = start
         while pos < start + n:
             block = pos // size
@@ -270,14 +270,15 @@ class StoreWriter:
             if block not in self._done_blocks:
                 if block not in self._buffers:
                     self._buffers[block] = {
-                        name: np.empty((b_stop - b_start, *c.shape[1:]), c.dtype)
-                        for name, c in converted.items()
+                        name: np.empty((b_stop - b_start, *t.shape[1:]), stored)
+                        for name, t in acts.items()
                     }
                     self._filled[block] = 0
-                for name, c in converted.items():
-                    self._buffers[block][name][pos - b_start : pos - b_start + take] = c[
-                        pos - start : pos - start + take
-                    ]
+                for name, t in acts.items():
+                    dst = _as_tensor(
+                        self._buffers[block][name][pos - b_start :][:take], store.dtype
+                    )
+                    dst.copy_(t[pos - start : pos - start + take])
                 self._filled[block] += take
                 if self._filled[block] == b_stop - b_start:
                     store.write_block(block, self._buffers.pop(block), background=True)
@@ -301,6 +302,13 @@ class StoreWriter:
             self._put(None)
             self._thread.join()
         self._thread = None
+
+
+def _as_tensor(buffer: np.ndarray, dtype: str) -> torch.Tensor:
+    """A torch view of a storage buffer, typed so ``copy_`` casts straight into it."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(buffer.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(buffer)
 
 
 # ---- checkpoints ---------------------------------------------------------------------

@@ -6,11 +6,13 @@ Layout of a store (a Zarr v3 group at any path zarr accepts, local or fsspec)::
                                weight hash, layers, source spec and fingerprint, seed,
                                dtype, sample count, block size, nethook version)
     sample                     int64 [sample]: the sample ids (positions in the source)
-    manifest                   uint64 [block, 1 + layers]: one chunk per block, written
-                               only after that block's data is durable; column 0 is 1
-                               for a complete block, the others hold a CRC-32C per layer
+    manifest                   uint64 [block, 1 + layers]: one chunk (file c.<block>.0)
+                               per block, written only after that block's data is
+                               durable; column 0 is 1 for a complete block, the others
+                               hold a CRC-32C per layer
     layers/<layer>/activations the activations, dims (sample, unit, y, x) for conv
-                               outputs, (sample, token, unit) or (sample, unit) otherwise
+                               outputs, (sample, token, unit) or (sample, unit) otherwise;
+                               chunk files c.<block>.0.0.0 (no directory per block)
     layers/<layer>/unit        int64 [unit]: unit indices
 
 Samples are written in *blocks* (``block_samples`` consecutive samples, one zarr chunk,
@@ -78,6 +80,9 @@ IDENTITY_FIELDS = (
     "compressor",
 )
 DEFAULT_BLOCK_BYTES = 32 * 2**20
+# Chunk files named c.<block>.0.0.0 side by side: no directory per block to create (and
+# directory operations are slow on many file systems).
+FLAT_KEYS = {"name": "default", "separator": "."}
 
 
 class StoreError(RuntimeError):
@@ -410,6 +415,7 @@ class ActivationStore:
                 fill_value=0,
                 dimension_names=["block", "field"],
                 compressors=None,
+                chunk_key_encoding=FLAT_KEYS,
                 overwrite=True,
             )
         stored = storage_dtype(identity["dtype"])
@@ -429,6 +435,7 @@ class ActivationStore:
                     compressors=compressors,
                     dimension_names=list(dims),
                     attributes={"nethook_dtype": identity["dtype"], "layer": name},
+                    chunk_key_encoding=FLAT_KEYS,
                     overwrite=True,
                 )
             units = shape[dims.index("unit") - 1]

@@ -79,9 +79,7 @@ def record_args(model_spec: str, out: Path) -> list[str]:
 
 
 def complete_blocks(out: Path) -> int:
-    return (
-        len(list((out / "manifest" / "c").glob("*/0"))) if (out / "manifest" / "c").exists() else 0
-    )
+    return len(list((out / "manifest").glob("c.*.0"))) if (out / "manifest").exists() else 0
 
 
 def fork(target, *args) -> multiprocessing.Process:
@@ -182,7 +180,7 @@ def test_record_refuses_another_model_or_layers(tmp_path, model_spec, capsys):
 def test_info_reports_a_corrupt_block_and_a_bad_path(tmp_path, model_spec, capsys):
     out = tmp_path / "s.zarr"
     assert main(record_args(model_spec, out) + ["--samples", "6"]) == 0
-    chunk = out / "layers" / "conv2" / "activations" / "c" / "1" / "0" / "0" / "0"
+    chunk = out / "layers" / "conv2" / "activations" / "c.1.0.0.0"
     raw = bytearray(chunk.read_bytes())
     raw[3] ^= 0x55
     chunk.write_bytes(bytes(raw))

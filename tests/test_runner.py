@@ -371,3 +371,17 @@ def test_flatten_is_the_default_transform():
         Batch({"l": x}, None, torch.arange(2), 0, 0)
     )
     np.testing.assert_array_equal(log.seen, x[:, 1].reshape(-1).numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_store_writer_casts_like_torch(tmp_path, dtype):
+    model = tiny_model()
+    with torch.no_grad():
+        model.conv.weight.div_(3)  # values no narrow float holds exactly
+    record(tmp_path / "s.zarr", Ramp(23), dtype=dtype, model=model)
+    got = ActivationStore.open(tmp_path / "s.zarr").layer("conv").values
+    with torch.no_grad():
+        exact = model.conv(torch.stack([Ramp(23)[i]["image"] for i in range(23)]))
+    want = exact.to(getattr(torch, dtype)).float().numpy()
+    np.testing.assert_array_equal(got.astype(np.float32), want)
+    assert not np.array_equal(want, exact.numpy())  # the cast did round

@@ -166,7 +166,7 @@ def test_resume_refuses_other_model_layer_or_source(tmp_path):
 def test_corrupted_chunk_is_reported_with_its_sample_range(tmp_path):
     store = make(tmp_path / "s.zarr")
     write_all(store, truth())
-    chunk = tmp_path / "s.zarr" / "layers" / "fc" / "activations" / "c" / "1" / "0"
+    chunk = tmp_path / "s.zarr" / "layers" / "fc" / "activations" / "c.1.0"
     raw = bytearray(chunk.read_bytes())
     raw[7] ^= 0xFF
     chunk.write_bytes(bytes(raw))
@@ -185,7 +185,7 @@ def test_corrupted_chunk_is_reported_with_its_sample_range(tmp_path):
 def test_undecodable_chunk_is_reported(tmp_path):
     store = make(tmp_path / "s.zarr", compressor="zstd")
     write_all(store, truth())
-    chunk = tmp_path / "s.zarr" / "layers" / "tok" / "activations" / "c" / "2" / "0" / "0"
+    chunk = tmp_path / "s.zarr" / "layers" / "tok" / "activations" / "c.2.0.0"
     chunk.write_bytes(b"garbage")
     with pytest.raises(CorruptBlockError, match=r"block 2 \(samples 8..9\)"):
         ActivationStore.open(tmp_path / "s.zarr").read_block("tok", 2)
@@ -247,8 +247,7 @@ def test_resumed_store_is_byte_identical_to_uninterrupted(tmp_path):
     part = make(tmp_path / "part.zarr")
     write_all(part, data, blocks=[0])
     part._arrays["conv"][4:8] = data["conv"][4:8] + 1  # half-written garbage, not in manifest
-    (tmp_path / "part.zarr" / "manifest" / "c" / "1").mkdir(parents=True)
-    (tmp_path / "part.zarr" / "manifest" / "c" / "1" / "0.abc.partial").write_bytes(b"x")
+    (tmp_path / "part.zarr" / "manifest" / "c.1.0.abc.partial").write_bytes(b"x")
     resumed = ActivationStore.open_or_create(
         tmp_path / "part.zarr", layers=SHAPES, samples=10, block_samples=4, attrs=ATTRS
     )
@@ -298,6 +297,7 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path):
             dtype=arr.dtype,
             fill_value=0,
             compressors=None,
+            chunk_key_encoding=store_module.FLAT_KEYS,
         )
         twin[:] = data[name]
         for block in range(fast.n_blocks):
