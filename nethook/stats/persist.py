@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,13 @@ __all__ = ["cached", "load", "load_zarr_group", "read_attrs", "read_key", "save"
 
 FORMAT = 1
 _MANIFEST = "__nethook__"
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or foreign file raises (a cache miss, not a failure)."""
+    from zarr.errors import BaseZarrError
+
+    return (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, BaseZarrError)
 
 
 def save(
@@ -110,7 +118,7 @@ def cached(
             state, manifest = _read(path)
             if manifest.get("key") == key:
                 return from_state_dict(state)
-        except (OSError, ValueError, KeyError):
+        except _unreadable_errors():
             pass
     stat = compute()
     if not isinstance(stat, Stat):

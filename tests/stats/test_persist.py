@@ -159,6 +159,13 @@ def test_cached_recomputes_over_an_unreadable_file(tmp_path):
     path.write_bytes(b"not a zip file")
     stat = cached(path, "k", lambda: Mean())
     assert isinstance(stat, Mean) and read_key(path) == "k"
+    path.write_bytes(path.read_bytes()[:40])  # a truncated write from elsewhere
+    assert isinstance(cached(path, "k", lambda: Variance()), Variance)
+    broken = tmp_path / "z.zarr"
+    broken.mkdir()
+    (broken / "zarr.json").write_text("{not json")
+    assert isinstance(cached(broken, "k", lambda: Variance()), Variance)
+    assert read_key(broken) == "k"
     with pytest.raises(TypeError, match="must be a str"):
         cached(path, 3, Mean)
     with pytest.raises(TypeError, match="must return a Stat, got int"):
