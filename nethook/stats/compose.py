@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from nethook.stats.base import Stat, from_state_dict
+from nethook.stats.base import Stat, from_state_dict, states_equal
 
 Key = int | str
 
@@ -77,6 +77,7 @@ class Conditional(Stat):
 
     def update(self, x: torch.Tensor, condition: Key | torch.Tensor, *args, **kwargs) -> None:
         """Route the rows of ``x`` to the stat of their condition key(s)."""
+        x = torch.as_tensor(x)
         if isinstance(condition, int | str | np.integer):
             self._stat(condition).update(x, *args, **kwargs)
             return
@@ -113,6 +114,11 @@ class Conditional(Stat):
             raise TypeError(
                 f"cannot merge Conditional of {type(other._template).__name__} into "
                 f"Conditional of {type(self._template).__name__}"
+            )
+        if not states_equal(other._template.state_dict(), self._template.state_dict()):
+            raise ValueError(
+                f"cannot merge Conditional of {other._template!r} into Conditional of "
+                f"{self._template!r}: their factories make differently configured stats"
             )
         for key, stat in other.stats.items():
             if key in self.stats:

@@ -100,6 +100,8 @@ def test_conditional_errors_name_expected_and_got():
         Conditional(lambda: 3)
     with pytest.raises(TypeError, match="Conditional of Variance into Conditional of Mean"):
         stat.merge(Conditional(Variance))
+    with pytest.raises(ValueError, match=r"TopK\(k=3.*into Conditional of TopK\(k=5"):
+        Conditional(lambda: TopK(5)).merge(Conditional(lambda: TopK(3)))
 
 
 def test_conditional_xarray_stacks_conditions():
