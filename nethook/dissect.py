@@ -149,12 +149,20 @@ def results_frame(results: Mapping[str, xr.Dataset]) -> pd.DataFrame:
     )
 
 
+def publish(tmp: str | Path, path: Path) -> None:
+    """Give a finished temporary file the usual permissions (0666 less umask), rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -180,6 +188,9 @@ def save_results(results: Mapping[str, xr.Dataset], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.zarr"
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".results.zarr."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         for i, ds in enumerate(results.values()):
             with warnings.catch_warnings():
@@ -558,3 +569,43 @@ def _add_galleries(
         images, masks = gallery[layer]
         ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), images)
         ds["top_mask"] = (("unit", "rank", "y", "x"), masks)
+
+
+def rotation_sweep(
+    model: nn.Module | str,
+    layers: str | Sequence[str],
+    source: Any,
+    alphas: Sequence[float] = (0.0, 0.5, 1.0),
+    *,
+    weights: str | Path | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Interpretability against the rotation of the basis (thesis §3.3.2).
+
+    Dissects ``layers`` once per ``alpha`` in the basis ``Q**alpha`` (same seed, so
+    the same ``Q``) and returns one row per (layer, alpha): columns ``layer``,
+    ``alpha``, ``unique`` (unique detectors), ``detectors`` and ``mean_iou`` (mean
+    best IoU over units). ``kwargs`` go to :func:`dissect` (no galleries are made).
+    """
+    from nethook.models import load_model
+    from nethook.plugins import get_source
+
+    if isinstance(model, str):
+        model = load_model(model, weights=weights)
+    if isinstance(source, str):
+        source = get_source(source)
+    kwargs = {**kwargs, "gallery_size": None, "out": None, "topk": 1}
+    rows = []
+    for alpha in alphas:
+        results = dissect(model, layers, source, rotate=float(alpha), **kwargs)
+        for layer, ds in results.items():
+            rows.append(
+                {
+                    "layer": layer,
+                    "alpha": float(alpha),
+                    "unique": sum(unique_detectors(ds).values()),
+                    "detectors": int(ds["detector"].values.sum()),
+                    "mean_iou": float(ds["label_iou"].values.mean()),
+                }
+            )
+    return pd.DataFrame(rows, columns=["layer", "alpha", "unique", "detectors", "mean_iou"])

@@ -275,10 +275,14 @@ CHECK = """
 
 
 def test_report_renders_in_chromium(tmp_path: Path, results) -> None:
-    index = write_report(results, tmp_path, progress=False)
+    rotation = pd.DataFrame(
+        {"layer": ["a", "a", EVIL, EVIL], "alpha": [0, 1, 0, 1], "unique": [5, 2, 4, 1]}
+    )
+    index = write_report(results, tmp_path, rotation=rotation, progress=False)
     value, errors = open_page(index.resolve().as_uri(), CHECK)
     assert errors == []
-    assert len(value["images"]) == 14
+    assert len(value["images"]) == 15
+    assert (tmp_path / "img" / "rotation.png").is_file()
     broken = [src for src, complete, width in value["images"] if not complete or width <= 0]
     assert broken == []
     assert value["asc"] == sorted(value["asc"]) and len(value["asc"]) == 11

@@ -47,6 +47,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--min-iou", type=float, default=0.04, help="IoU above which a unit is a detector"
     )
     parser.add_argument("--rotate", type=float, help="dissect in a random basis Q**ALPHA")
+    parser.add_argument(
+        "--rotate-sweep",
+        type=parse_alphas,
+        help="also count unique detectors at these alphas (e.g. 0,0.5,1) and plot them",
+    )
+    parser.add_argument(
+        "--sweep-samples", type=int, default=200, help="images per alpha in --rotate-sweep"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the rotation and sketches")
     parser.add_argument("--samples", type=int, help="use only the first N images")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -55,6 +63,38 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: the model's)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_alphas(text: str) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``, each in [0, 1]."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise argparse.ArgumentTypeError(f"alphas must lie in [0, 1], got {text!r}")
+    return alphas
+
+
+def sweep(args: argparse.Namespace, model: str, layers: list[str], source: str, weights=None):
+    """The rotation sweep ``--rotate-sweep`` asks for, or None."""
+    if not args.rotate_sweep:
+        return None
+    from nethook.dissect import rotation_sweep
+
+    return rotation_sweep(
+        model,
+        layers,
+        source,
+        args.rotate_sweep,
+        weights=weights,
+        samples=args.sweep_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
 
 
 def summary_text(results: dict[str, xr.Dataset]) -> str:
@@ -88,9 +128,16 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.quiet,
     )
+    rotation = sweep(args, args.model, layers, args.source, args.weights)
+    if rotation is not None:
+        rotation.to_csv(args.out / "rotation.csv", index=False)
     if not args.no_report:
         index = write_report(
-            results, args.out, title=f"Dissection of {args.model}", progress=not args.quiet
+            results,
+            args.out,
+            title=f"Dissection of {args.model}",
+            rotation=rotation,
+            progress=not args.quiet,
         )
         print(f"report: {index}", file=sys.stderr)
     print(summary_text(results))

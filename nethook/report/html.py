@@ -19,7 +19,7 @@ import pandas as pd
 import xarray as xr
 from tqdm.auto import tqdm
 
-from nethook.dissect import summary_table, unique_detectors
+from nethook.dissect import publish, summary_table, unique_detectors
 from nethook.report import plots
 
 _ENV = jinja2.Environment(
@@ -43,7 +43,7 @@ def _write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

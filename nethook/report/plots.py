@@ -19,6 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from nethook.dissect import publish  # noqa: E402
+
 PALETTE = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 MASK_EDGE = np.array([255, 214, 0], dtype=np.uint8)
 
@@ -33,7 +35,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=96, bbox_inches="tight")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
@@ -121,7 +123,7 @@ def unit_strip(images: np.ndarray, masks: np.ndarray, path: Path, gap: int = 2) 
     os.close(fd)
     try:
         Image.fromarray(strip).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
