@@ -127,6 +127,13 @@ def main() -> None:
     every = torch.from_numpy(np.random.default_rng(1).integers(1, args.concepts + 1, labels.shape))
     on = np.empty(acts.shape, dtype=bool)
 
+    check = IoU(u, table)
+    check.update(masks[:2], labels[:2])
+    for alternative in (dense_gemm, scatter_add):
+        got = alternative(masks[:2], labels[:2], args.concepts + 1).round().long()
+        if not torch.equal(got[:, 1:], check.intersection()[:, 1:]):
+            raise AssertionError(f"{alternative.__name__} disagrees with IoU on the same data")
+
     def update(method: str, density=None, lab=labels, img=scenes):
         stat = IoU(u, table, categories=CATEGORIES, method=method)
         if density is None:
