@@ -447,9 +447,11 @@ class _Levels:
             keys = values.astype(np.float64)
             if np.isinf(values).any():
                 np.clip(keys, -_HUGE, _HUGE, out=keys)
-            keys.view(np.uint64)[...] |= ids.astype(np.uint64)
+            bits = keys.view(np.uint64)
+            bits |= ids.astype(np.uint64)
             keys.sort(axis=1)
-            w = np.left_shift(1, (keys.view(np.int64) & _LEVEL_MASK))
+            w = bits.view(np.int64) & _LEVEL_MASK
+            np.left_shift(1, w, out=w)
             packed = True
         else:
             order = np.argsort(values, axis=1)
@@ -459,7 +461,7 @@ class _Levels:
         # Offset row c by c * span, so all rows form one increasing array that a
         # single searchsorted call can search (numpy has no batched searchsorted).
         w[:, 0] += np.arange(rows, dtype=np.int64) * span
-        return _SortedView(keys, np.cumsum(w, axis=1), span, packed)
+        return _SortedView(keys, np.cumsum(w, axis=1, out=w), span, packed)
 
     def weight_below(self, t: Array) -> np.ndarray:
         """Per row: total weight of the items ``< t[row]`` (``[C]``, float64)."""
@@ -748,35 +750,46 @@ class Quantile(Stat):
     def _valid(self) -> np.ndarray:
         return (self.count - _numpy(self._nan)).astype(np.float64)
 
-    def _views(self) -> dict[str, Any]:
-        """Sorted views of both stacks (cached until the next update or merge)."""
-        if "body" not in self._cache:
-            self._cache["body"] = self._body.sorted_view()
-            if self._tail_active and self._tail.size():
-                self._cache["tail"] = self._tail.sorted_view()
-                below = self._tail.weight_below(self._threshold)
-                # Estimated count < threshold: N - (tail weight at or above it).
-                self._cache["below"] = self.count - self._tail.weight() + below
-        return self._cache
+    def _view(self, name: str) -> _SortedView:
+        """The sorted view of the ``"body"`` or ``"tail"`` stack, cached until changed."""
+        if name not in self._cache:
+            stack = self._body if name == "body" else self._tail
+            self._cache[name] = stack.sorted_view()
+        return self._cache[name]
+
+    def _tail_region(self, r: np.ndarray) -> np.ndarray:
+        """``[C, Q]`` mask of the target counts ``r`` that the tail stack answers."""
+        if not (self._tail_active and self._tail.size()):
+            return np.zeros(r.shape, bool)
+        if "below" not in self._cache:
+            # Estimated count < threshold: N - (tail weight at or above it).
+            below = self._tail.weight_below(self._threshold)
+            self._cache["below"] = self.count - self._tail.weight() + below
+        return r > self._cache["below"][:, None]
 
     def _answers(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``[C, Q]`` quantile answers and a mask of those the tail stack gave."""
+        """``[C, Q]`` quantile answers and a mask of those the tail stack gave.
+
+        Each stack's sorted view is built only if some answer needs it, so tail
+        quantiles (dissection thresholds) never sort the larger body.
+        """
         valid = self._valid()
         r = q[None, :] * valid[:, None]
-        views = self._views()
-        body = views["body"]
-        out = body.take(body.first_at_least(r))
-        region = np.zeros(r.shape, bool)
-        if "tail" in views:
-            tail = views["tail"]
+        region = self._tail_region(r)
+        inner = (q > 0) & (q < 1)
+        out = np.zeros(r.shape)
+        if (~region & inner).any():
+            body = self._view("body")
+            out = body.take(body.first_at_least(r))
+        if (region & inner).any():
+            tail = self._view("tail")
             shift = float(self.count - self._tail.weight())
-            region = r > views["below"][:, None]
             out = np.where(region, tail.take(tail.first_at_least(r - shift)), out)
         lo, hi = _numpy(self._min)[:, None], _numpy(self._max)[:, None]
         out = np.where(np.isnan(out), hi, out)  # NaN items sort above every value
         out = np.minimum(np.maximum(out, lo), hi)
         out = np.where(q[None, :] == 0, lo, np.where(q[None, :] == 1, hi, out))
-        return np.where(valid[:, None] > 0, out, np.nan), region
+        return np.where(valid[:, None] > 0, out, np.nan).astype(lo.dtype), region
 
     def quantiles(self, qs: Sequence[float] | float | torch.Tensor) -> torch.Tensor:
         """Per-channel quantiles ``[C, len(qs)]`` on the stat's device (NaN if no data).
@@ -840,7 +853,7 @@ class Quantile(Stat):
         tail = np.sqrt(self._tail.variance()) * scale
         if qs is None:
             return torch.from_numpy(np.maximum(body, tail))
-        _, region = self._answers(_as_qs(qs))
+        region = self._tail_region(_as_qs(qs)[None, :] * self._valid()[:, None])
         return torch.from_numpy(np.where(region, tail[:, None], body[:, None]))
 
     def min(self) -> torch.Tensor:
