@@ -5,5 +5,32 @@ See ``docs/stats.md``. Every stat has ``update``, ``merge``, ``state_dict``,
 """
 
 from nethook.stats.base import Stat, check_batch, flatten, from_state_dict
+from nethook.stats.compose import Combined, Conditional
+from nethook.stats.histogram import Bincount, Histogram
+from nethook.stats.iou import IoU
+from nethook.stats.moments import Covariance, CrossCovariance, Mean, SecondMoment, Variance
+from nethook.stats.persist import cached, load, save
+from nethook.stats.quantile import Quantile
+from nethook.stats.topk import TopK
 
-__all__ = ["Stat", "check_batch", "flatten", "from_state_dict"]
+__all__ = [
+    "Bincount",
+    "Combined",
+    "Conditional",
+    "Covariance",
+    "CrossCovariance",
+    "Histogram",
+    "IoU",
+    "Mean",
+    "Quantile",
+    "SecondMoment",
+    "Stat",
+    "TopK",
+    "Variance",
+    "cached",
+    "check_batch",
+    "flatten",
+    "from_state_dict",
+    "load",
+    "save",
+]
