@@ -169,7 +169,7 @@ class IoU(Stat):
                 along ``K``.
             thresholds: per-unit thresholds ``[U]`` when ``masks`` are activations.
         """
-        masks = _as_tensor(masks)
+        masks = _as_tensor(masks).detach()
         if masks.ndim != 4 or masks.shape[1] != self.num_units:
             raise ValueError(
                 f"IoU.update expects masks [N, U, H, W] with U = {self.num_units}, "
@@ -544,8 +544,8 @@ class _ChunkLabels:
     """
 
     def __init__(self, lab: torch.Tensor, img: torch.Tensor | None, concepts: int) -> None:
-        n, layers = lab.shape[:2]
-        lab = lab.reshape(n, layers, -1)
+        n, layers, h, w = lab.shape
+        lab = lab.reshape(n, layers, h * w)
         pixel = lab.clone()
         for layer in range(1, layers):
             repeat = (lab[:, layer : layer + 1] == lab[:, :layer]).any(1)
@@ -555,9 +555,9 @@ class _ChunkLabels:
             whole.scatter_(1, img, True)
         whole[:, 0] = False
         if img is not None:
-            pixel.masked_fill_(whole.gather(1, pixel.view(n, -1)).view_as(pixel), 0)
+            pixel.masked_fill_(whole.gather(1, pixel.view(n, layers * h * w)).view_as(pixel), 0)
         present = whole.clone()
-        present.scatter_(1, pixel.view(n, -1), True)
+        present.scatter_(1, pixel.view(n, layers * h * w), True)
         present[:, 0] = False
         self.pixel = pixel
         self.present = present
@@ -586,7 +586,7 @@ class _GemmTally:
         c_max = int(self.local.max()) if self.local.numel() else 0
         onehot = torch.zeros(n, p, c_max + 1, dtype=dtype, device=present.device)
         onehot[:, :, 0] = 1
-        pixel_local = self.local.gather(1, chunk.pixel.view(n, -1)).view(n, layers, p)
+        pixel_local = self.local.gather(1, chunk.pixel.view(n, layers * p)).view(n, layers, p)
         onehot.scatter_(2, pixel_local.transpose(1, 2), 1)
         rows, ids = chunk.whole_pairs
         onehot[rows, :, self.local[rows, ids]] = 1

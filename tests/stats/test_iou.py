@@ -74,7 +74,7 @@ case_args = dict(
     u=st.integers(1, 5),
     h=st.integers(1, 6),
     w=st.integers(1, 6),
-    layers=st.integers(1, 3),
+    layers=st.integers(0, 3),
     k_img=st.integers(0, 2),
     num_concepts=st.integers(2, 9),
     num_categories=st.integers(1, 3),
@@ -350,3 +350,16 @@ def test_docs_example_runs():
     assert examples
     for example in examples:
         exec(compile(example, "docs/stats.md (IoU)", "exec"), {})
+
+
+def test_activations_that_require_grad():
+    acts = torch.randn(2, 3, 4, 4, requires_grad=True) * 2
+    labels = torch.randint(0, 3, (2, 4, 4))
+    for method in METHODS:
+        stat = IoU(3, np.array([-1, 0, 1]), method=method)
+        stat.update(acts, labels, thresholds=torch.zeros(3))
+        masks = (acts >= 0).numpy()
+        np.testing.assert_array_equal(
+            stat.intersection(),
+            brute_force(masks, labels[:, None].numpy(), None, stat.concept_category, 2)[0],
+        )
