@@ -401,10 +401,7 @@ def dissect(
         desc="dissect 1/2: thresholds",
         **common,
     )
-    thresholds = {
-        layer: pass1[f"quantile:{layer}"].stat.quantiles([1.0 - quantile])[:, 0].float()
-        for layer in layers
-    }
+    thresholds = {layer: _threshold(pass1[f"quantile:{layer}"].stat, quantile) for layer in layers}
 
     # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.
     pass2: dict[str, Any] = {}
@@ -484,6 +481,19 @@ def _layer_shapes(model: nn.Module, layers: list[str], source, device) -> dict[s
                 "[B, C, H, W]"
             )
     return shapes
+
+
+def _threshold(sketch: Quantile, quantile: float) -> torch.Tensor:
+    """Per-unit ``T_k`` with ``P(a_k > T_k) = quantile``, as float32 ``[U]``.
+
+    Masks are ``a >= T``. Where the top quantile is the unit's minimum (a ReLU unit
+    that is zero almost everywhere), ``T`` is moved just above it, so the mask holds
+    the positions where the unit is active rather than every position.
+    """
+    t = sketch.quantiles([1.0 - quantile])[:, 0].double().cpu()
+    low = sketch.min().double().cpu()
+    t = torch.where(t <= low, torch.nextafter(low.float(), torch.tensor(np.inf)).double(), t)
+    return t.float()
 
 
 def _preparer(layer: str, shape: tuple, rotate: float | None, seed: int):

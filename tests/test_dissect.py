@@ -219,3 +219,54 @@ def test_bad_input_is_named() -> None:
         dissect(planted_model(), "1", Planted(), rotate=2.0, progress=False)
     with pytest.raises(Exception, match="nolayer"):
         dissect(planted_model(), "nolayer", Planted(), progress=False)
+
+
+def test_broden_fixture_end_to_end(tmp_path: Path) -> None:
+    """The Broden reader, a planted red detector and the full pipeline, checked by hand.
+
+    The fixture's images are 32 px with 16 px segmentations; a 1x1 conv unit fires on
+    red (cars in street scenes, stripes in texture images). Its maps are sampled at the
+    label pixels' centres, which for a factor of 2 is a 2x2 average.
+    """
+    from nethook.plugins import get_source
+    from tests.plugins.broden_fixture import make_broden
+
+    root = make_broden(tmp_path, n_images=9, size=32, seg_size=16)
+    source = get_source(f"broden:{root}")
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in source.normalization)
+    conv = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, -1, -1], [-1, 1, -1]]).view(2, 3, 1, 1))
+        conv.bias.copy_(torch.tensor([-3.5, -2.0]))
+    model = nn.Sequential(conv, nn.ReLU()).eval()
+    out = tmp_path / "out"
+    results = dissect(model, "1", f"broden:{root}", out=out, quantile=0.15, progress=False)
+    ds = results["1"]
+    # unit 0 fires on every red pixel; its top 15% are mostly the (red) cars
+    assert ds["label"].values[0] == "car" and ds["category"].values[0] == "object"
+    assert ds["iou"].sel(concept=2).values[0] > 0.4  # red-c
+    assert ds["label"].values[1] in ("green-c", "tree")
+
+    table = source.concepts()
+    category_of = dict(zip(table["id"], table["category"], strict=True))
+    items = [source[i] for i in range(len(source))]
+    images = torch.stack([(it["image"] - mean) / std for it in items])
+    with torch.no_grad():
+        maps = F.avg_pool2d(model(images), 2)
+    masks = (maps >= torch.as_tensor(ds["threshold"].values)[None, :, None, None]).numpy()
+    for cid in table["id"]:
+        inter = np.zeros(2)
+        union = np.zeros(2)
+        for i, it in enumerate(items):
+            dense = torch.cat(list(it["labels"].values())).numpy()
+            whole = torch.cat(list(it["image_labels"].values())).numpy()
+            present = {int(v) for v in np.unique(dense)} | {int(v) for v in whole}
+            if not any(category_of.get(v) == category_of[cid] for v in present):
+                continue
+            concept = (dense == cid).any(0) | (cid in whole)
+            inter += (masks[i] & concept).sum((1, 2))
+            union += (masks[i] | concept).sum((1, 2))
+        expected = np.divide(inter, union, out=np.zeros(2), where=union > 0)
+        np.testing.assert_allclose(ds["iou"].sel(concept=cid).values, expected, rtol=1e-6)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["layers"]["1"]["units"][0]["label"] == "car"
