@@ -400,3 +400,14 @@ def test_docs_example_runs():
     assert examples
     for example in examples:
         exec(compile(example, "docs/stats.md (Quantile)", "exec"), {})
+
+
+@pytest.mark.parametrize("name", ["q.npz", "q.zarr"])
+def test_saved_and_loaded_through_persist(tmp_path, name):
+    from nethook.stats import persist
+
+    x = torch.from_numpy(make_data(4, 8000, 3, "relu", 0.05))
+    sketch = feed(Quantile(**SMALL), x, [3000])
+    loaded = persist.load(persist.save(sketch, tmp_path / name))
+    _assert_same_state(sketch.state_dict(), loaded.state_dict())
+    np.testing.assert_array_equal(loaded.quantiles(QS).numpy(), sketch.quantiles(QS).numpy())
