@@ -95,6 +95,39 @@ class ScenesSegmenter(Segmenter):
             }
         return maps
 
+    def probability(self, images: torch.Tensor, concept: int) -> torch.Tensor:
+        """Differentiable ``[B, H, W]`` probability of concept id ``concept`` at each pixel.
+
+        The softmax of the concept's head; for a part half ``c-t`` etc. the object's
+        probability inside that half of the (hard) segmentation's components.
+        """
+        from nethook.gan.train_segnet import prepare
+
+        half = None
+        if self.parts and concept >= self._part_base:
+            code = concept - self._part_base
+            obj, half = code // 4 + 1, code % 4
+            cat, index = "object", obj
+        else:
+            cat, index = next(
+                (c, concept - self._first[c] + 1)
+                for c in reversed(self.categories)
+                if concept >= self._first[c]
+            )
+        size = images.shape[-2:]
+        x = images
+        if tuple(size) != (INPUT_SIZE, INPUT_SIZE):
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True)
+        self.model.to(images.device)
+        prob = self.model(prepare(x))[cat].softmax(1)[:, index]
+        if tuple(size) != (INPUT_SIZE, INPUT_SIZE):
+            prob = F.interpolate(prob[:, None], size=size, mode="bilinear")[:, 0]
+        if half is not None:
+            with torch.no_grad():
+                codes = self.segment(images)["part"][:, 1 + half // 2]
+            prob = prob * (codes == concept).to(prob.dtype)
+        return prob
+
     def segment(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{object: [B, 1, H, W], part: [B, 1 or 3, H, W], material: [B, 1, H, W]}``."""
         maps = self.class_maps(images)

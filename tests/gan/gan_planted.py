@@ -84,3 +84,18 @@ class ColorSegmenter(Segmenter):
     def probability(self, images: torch.Tensor, concept: int) -> torch.Tensor:
         channel = 0 if concept == 1 else 2
         return torch.sigmoid(20 * (images[:, channel] - 0.5))
+
+
+def scenes_seg():
+    """The scenes-seg segmenter, registered through the plugin manager like an entry point."""
+    import nethook_plugins.scenes_segmenter as module
+
+    from nethook.plugins import PluginInfo, get_plugin_manager
+
+    manager = get_plugin_manager()
+    if "scenes-seg" not in manager.names("segmenter"):
+        info = PluginInfo(name="scenes_segmenter", value="nethook_plugins.scenes_segmenter")
+        manager.register_plugin(module, info)
+    from nethook.plugins import get_segmenter
+
+    return get_segmenter("scenes-seg")

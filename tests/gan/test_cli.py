@@ -6,7 +6,7 @@ import argparse
 import json
 
 import pytest
-from test_models import scenes_seg
+from gan_planted import scenes_seg
 
 from nethook.commands import ace, gandissect, intervene
 
@@ -55,6 +55,7 @@ def test_layer_that_is_not_a_feature_map(tmp_path, capsys):
     assert "layer2.conv.weight" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ace_and_intervene(tmp_path, capsys):
     out = tmp_path / "ace"
     code = run(

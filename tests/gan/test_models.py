@@ -5,23 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gan_planted import scenes_seg
 
 from nethook.gan.fsd import frechet_distance
-
-
-def scenes_seg():
-    """The scenes-seg segmenter, registered through the plugin manager like an entry point."""
-    import nethook_plugins.scenes_segmenter as module
-
-    from nethook.plugins import PluginInfo, get_plugin_manager
-
-    manager = get_plugin_manager()
-    if "scenes-seg" not in manager.names("segmenter"):
-        info = PluginInfo(name="scenes_segmenter", value="nethook_plugins.scenes_segmenter")
-        manager.register_plugin(module, info)
-    from nethook.plugins import get_segmenter
-
-    return get_segmenter("scenes-seg")
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():
