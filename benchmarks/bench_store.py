@@ -98,12 +98,17 @@ def bench_writes(samples: int, repeats: int, where: Path) -> None:
             "store, zstd": lambda d=data, dt=dtype: time_store_blocks(
                 d, where, dt, compressor="zstd"
             ),
-            "StoreWriter from float32 batches": lambda dt=dtype: time_store_writer(acts, where, dt),
+            "StoreWriter, float32 batches of 32": lambda dt=dtype: time_store_writer(
+                acts, where, dt
+            ),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(repeats):  # interleaved, so load changes hit every variant alike
-            for name, fn in variants.items():
-                times[name].append(fn())
+        names = list(variants)
+        for r in range(repeats):
+            # interleaved, and rotated each round, so neither load drift nor the file
+            # system's work after the previous variant (freeing a deleted file) favours one
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                times[name].append(variants[name]())
         ceiling = times["np.save + fsync (ceiling)"]
         for name, ts in times.items():
             rate = mb / statistics.median(ts)

@@ -200,6 +200,8 @@ class StoreWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._buffers: dict[int, dict[str, np.ndarray]] = {}
+        self._full: dict[int, dict[str, np.ndarray]] = {}
+        self._free: list[dict[str, np.ndarray]] = []
         self._filled: dict[int, int] = {}
 
     def resume_batch(self, batch_size: int) -> int:
@@ -269,10 +271,16 @@ class StoreWriter:
             take = min(b_stop, start + n) - pos
             if block not in self._done_blocks:
                 if block not in self._buffers:
-                    self._buffers[block] = {
-                        name: np.empty((b_stop - b_start, *t.shape[1:]), stored)
-                        for name, t in acts.items()
-                    }
+                    if not self._free:  # fresh pages cost a fault each: recycle buffers
+                        self._free.append(
+                            {
+                                name: np.empty((size, *t.shape[1:]), stored)
+                                for name, t in acts.items()
+                            }
+                        )
+                    full = self._free.pop()
+                    self._buffers[block] = {k: v[: b_stop - b_start] for k, v in full.items()}
+                    self._full[block] = full
                     self._filled[block] = 0
                 for name, t in acts.items():
                     dst = _as_tensor(
@@ -282,6 +290,7 @@ class StoreWriter:
                 self._filled[block] += take
                 if self._filled[block] == b_stop - b_start:
                     store.write_block(block, self._buffers.pop(block), background=True)
+                    self._free.append(self._full.pop(block))  # written: reusable
                     del self._filled[block]
                     self._done_blocks.add(block)
             pos += take

@@ -41,7 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compressor", choices=("zstd", "blosc"), help="compress chunks")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--device", help="torch device (default: where the model is)")
-    parser.add_argument("--seed", type=int, default=0, help="seed recorded with the store")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed recorded with the store; also draws the random weights of a model "
+        "given without --weights, so reruns build the same model (default 0)",
+    )
     parser.add_argument(
         "--scheduler", help="dask scheduler address: record shards on that cluster instead"
     )
