@@ -9,6 +9,7 @@ The model is a three-block causal transformer built from torch modules; its MLPs
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -126,7 +127,22 @@ def batch(vocab: Vocab, prompts: list[list[str]]) -> tuple[torch.Tensor, torch.T
 def train_tiny_lm(
     facts: list[Fact], seed: int = 0, steps: int = 300, depth: int = 3, progress: bool = False
 ) -> tuple[TinyLM, Vocab]:
-    """Train a :class:`TinyLM` to recall every fact in every template (seconds on a CPU)."""
+    """Train a :class:`TinyLM` to recall every fact in every template (seconds on a CPU).
+
+    Deterministic for its arguments, so results are memoized within the process:
+    each call returns a fresh copy of the trained model.
+    """
+    key = (tuple(facts), seed, steps, depth)
+    if key not in _TRAINED:
+        _TRAINED[key] = _train(facts, seed, steps, depth, progress)
+    model, vocab = _TRAINED[key]
+    return copy.deepcopy(model), vocab
+
+
+_TRAINED: dict[tuple, tuple[TinyLM, Vocab]] = {}
+
+
+def _train(facts, seed, steps, depth, progress) -> tuple[TinyLM, Vocab]:
     torch.manual_seed(seed)
     vocab = Vocab()
     model = TinyLM(len(vocab), depth=depth)
