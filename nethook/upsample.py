@@ -135,6 +135,11 @@ def _chain_geometry(module: nn.Module) -> Geometry | None:
     return module_geometry(module)
 
 
+def _close(a: Geometry, b: Geometry) -> bool:
+    pairs = zip((*a.stride, *a.offset), (*b.stride, *b.offset), strict=True)
+    return all(abs(x - y) < 1e-9 for x, y in pairs)
+
+
 def upsample(
     maps: torch.Tensor,
     size: tuple[int, int],
@@ -151,8 +156,22 @@ def upsample(
     if maps.ndim != 4:
         raise ValueError(f"upsample expects [B, C, h, w] maps, got shape {tuple(maps.shape)}")
     h, w = maps.shape[-2:]
-    if geometry is None:
-        geometry = Geometry.uniform(input_size, (h, w))
+    uniform = Geometry.uniform(input_size, (h, w))
+    if geometry is None or _close(geometry, uniform):
+        if (h, w) == tuple(size) == tuple(input_size):
+            return maps
+        # the same sampling as below, by the faster separable resize
+        return F.interpolate(
+            maps.float(), size=tuple(size), mode="bilinear", align_corners=False
+        ).to(maps.dtype)
+    return grid_upsample(maps, size, input_size, geometry)
+
+
+def grid_upsample(
+    maps: torch.Tensor, size: tuple[int, int], input_size: tuple[int, int], geometry: Geometry
+) -> torch.Tensor:
+    """The general path of :func:`upsample`: bilinear sampling at label-pixel centres."""
+    h, w = maps.shape[-2:]
     coords = []
     for n_label, n_input, n_cells, stride, offset in zip(
         size, input_size, (h, w), geometry.stride, geometry.offset, strict=True

@@ -71,3 +71,20 @@ def test_rotation_lowers_unique_detectors_all_layers(seed: int) -> None:
     summary = summary_table(plain)
     for layer in ("block3", "block4"):
         assert object_or_part(summary, layer) > object_or_part(summary, "block1")
+
+
+def test_demo_command_writes_report(tmp_path, capsys) -> None:
+    from nethook.cli import main
+
+    out = tmp_path / "demo"
+    code = main(["demo", "--out", str(out), "--images", "40", "--no-sweep", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for layer in ("block1", "block2", "block3", "block4"):
+        assert layer in printed
+    assert "detectors" in printed and "object" in printed
+    assert (out / "index.html").is_file() and (out / "results.csv").is_file()
+    import json
+
+    doc = json.loads((out / "results.json").read_text())
+    assert [len(doc["layers"][b]["units"]) for b in ("block1", "block4")] == [16, 128]

@@ -270,3 +270,39 @@ def test_broden_fixture_end_to_end(tmp_path: Path) -> None:
         np.testing.assert_allclose(ds["iou"].sel(concept=cid).values, expected, rtol=1e-6)
     doc = json.loads((out / "results.json").read_text())
     assert doc["layers"]["1"]["units"][0]["label"] == "car"
+
+
+def test_dissect_command_on_broden(tmp_path: Path, capsys) -> None:
+    from nethook.cli import main
+    from tests.plugins.broden_fixture import make_broden
+
+    root = make_broden(tmp_path, n_images=6, size=32, seg_size=16)
+    model_file = tmp_path / "planted.py"
+    model_file.write_text(
+        "from tests.test_dissect import planted_model\n\ndef build():\n    return planted_model()\n"
+    )
+    out = tmp_path / "out"
+    argv = [
+        "dissect",
+        "--model",
+        f"{model_file}:build",
+        "--layers",
+        "1,2",
+        "--source",
+        f"broden:{root}",
+        "--out",
+        str(out),
+        "--rotate-sweep",
+        "0,1",
+        "--sweep-samples",
+        "6",
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "layer" in printed and "detectors" in printed
+    sweep = pd.read_csv(out / "rotation.csv", dtype={"layer": str})
+    assert sorted(sweep["alpha"].unique()) == [0.0, 1.0] and set(sweep["layer"]) == {"1", "2"}
+    assert (out / "img" / "rotation.png").is_file()
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc["layers"]) == {"1", "2"}

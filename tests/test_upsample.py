@@ -6,14 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nethook.upsample import Geometry, infer_geometry, upsample
+from nethook.upsample import Geometry, grid_upsample, infer_geometry, upsample
 
 
 def test_uniform_geometry_is_plain_bilinear_resize() -> None:
     maps = torch.randn(2, 3, 5, 7)
-    out = upsample(maps, (20, 28), (40, 56))
     ref = F.interpolate(maps, size=(20, 28), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    general = grid_upsample(maps, (20, 28), (40, 56), Geometry.uniform((40, 56), (5, 7)))
+    torch.testing.assert_close(general, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(upsample(maps, (20, 28), (40, 56)), ref, atol=1e-5, rtol=1e-5)
+    big = grid_upsample(maps, (80, 112), (40, 56), Geometry.uniform((40, 56), (5, 7)))
+    torch.testing.assert_close(big, upsample(maps, (80, 112), (40, 56)), atol=1e-5, rtol=1e-5)
     same = upsample(maps, (5, 7), (5, 7))
     torch.testing.assert_close(same, maps, atol=1e-6, rtol=1e-6)
 
