@@ -385,3 +385,50 @@ def test_store_writer_casts_like_torch(tmp_path, dtype):
     want = exact.to(getattr(torch, dtype)).float().numpy()
     np.testing.assert_array_equal(got.astype(np.float32), want)
     assert not np.array_equal(want, exact.numpy())  # the cast did round
+
+
+def test_store_and_tally_resume_together(tmp_path):
+    """Each consumer resumes from its own point; none misses or repeats a sample."""
+    source = Ramp(23)
+
+    def consumers(crash=None):
+        out = {
+            "store": StoreWriter(
+                tmp_path / "s.zarr",
+                ["conv", "fc"],
+                samples=23,
+                block_samples=4,
+                attrs={"model": "tiny"},
+            ),
+            "log": StatConsumer(SampleLog(), "fc", transform=lambda x: x[:, 0]),
+        }
+        if crash is not None:
+            out["crash"] = crash_at(crash)
+        return out
+
+    ckpt = tmp_path / "t.npz"
+    with pytest.raises(Crash):
+        run(
+            tiny_model(),
+            source,
+            consumers(crash=5),
+            batch_size=3,
+            checkpoint=ckpt,
+            checkpoint_every=2,
+            progress=False,
+        )
+    assert load_checkpoint(ckpt)["batches_done"] == 4
+    assert ActivationStore.open(tmp_path / "s.zarr").completed_blocks().tolist() == [0, 1, 2, 3]
+    final = consumers()
+    run(
+        tiny_model(),
+        source,
+        final,
+        batch_size=3,
+        checkpoint=ckpt,
+        checkpoint_every=2,
+        progress=False,
+    )
+    np.testing.assert_array_equal(final["log"].stat.seen, 2 * true_conv(23)[:, 0, 0, 0])
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(store.layer("conv").values, true_conv(23))
