@@ -19,7 +19,7 @@ from nethook.runner import (
 )
 from nethook.stats.base import Stat, flatten
 from nethook.stats.moments import Mean, Variance
-from nethook.store import ActivationStore, StoreMismatchError
+from nethook.store import ActivationStore, StoreError, StoreMismatchError
 
 
 class Ramp(torch.utils.data.Dataset):
@@ -432,3 +432,22 @@ def test_store_and_tally_resume_together(tmp_path):
     np.testing.assert_array_equal(final["log"].stat.seen, 2 * true_conv(23)[:, 0, 0, 0])
     store = ActivationStore.open(tmp_path / "s.zarr")
     np.testing.assert_array_equal(store.layer("conv").values, true_conv(23))
+
+
+def test_store_killed_during_creation_is_finished_by_the_rerun(tmp_path):
+    import shutil
+
+    source = Ramp(10)
+    path = tmp_path / "s.zarr"
+    with pytest.raises(Crash):
+        record(path, source, crash=0)  # the store is created at the first batch
+    # as if killed after the root metadata: arrays, coordinates and manifest never made it
+    for part in ("manifest", "sample", "layers/conv", "layers/fc/activations"):
+        shutil.rmtree(path / part)
+    with pytest.raises(StoreError, match="killed while being created"):
+        ActivationStore.open(path)
+    record(path, source)
+    store = ActivationStore.open(path)
+    assert store.is_complete()
+    np.testing.assert_array_equal(store.layer("conv").values, true_conv(10))
+    assert store.layer("conv").sample.values.tolist() == list(range(10))
