@@ -276,28 +276,46 @@ class _TopImages(_UnitConsumer):
         self.stat.update(peak, batch.positions.to(peak.device))
 
 
-class _IoUTally(_UnitConsumer):
-    """Upsample a layer's maps to the label resolution and tally IoU against the labels."""
+class _IoUTally:
+    """Tally IoU of every unit of several layers against the labels, in one stat.
 
-    def __init__(self, stat: IoU, layer: str, prepare, thresholds: torch.Tensor, geometry):
-        super().__init__(stat, layer, prepare)
+    Each layer's maps are upsampled to the label resolution and thresholded; the masks
+    of all layers are stacked along the unit axis so the labels of a batch are
+    prepared once for all layers. Checkpointable through the stat.
+    """
+
+    def __init__(self, stat: IoU, layers: list[str], prepare, thresholds, geometry):
+        self.stat = stat
+        self.layers = tuple(layers)
+        self.prepare = prepare
         self.thresholds = thresholds
         self.geometry = geometry
 
     def __call__(self, batch) -> None:
-        acts = self.prepare(batch.acts[self.layer])
         data = batch.data
         image = data["image"]
-        labels = {k: v.to(acts.device) for k, v in data["labels"].items()}
+        labels = dict(data["labels"])
         label_size = next(iter(labels.values())).shape[-2:] if labels else image.shape[-2:]
-        maps = upsample(acts, tuple(label_size), tuple(image.shape[-2:]), self.geometry)
-        image_labels = {k: v.to(acts.device) for k, v in data.get("image_labels", {}).items()}
+        masks = []
+        for layer in self.layers:
+            acts = self.prepare[layer](batch.acts[layer])
+            maps = upsample(acts, tuple(label_size), tuple(image.shape[-2:]), self.geometry[layer])
+            thr = self.thresholds[layer].to(maps.device, maps.dtype)
+            masks.append(maps >= thr[None, :, None, None])
+        masks = torch.cat(masks, dim=1)
+        device = masks.device
         self.stat.update(
-            maps,
-            labels or torch.zeros((len(maps), 1, *label_size), dtype=torch.int64),
-            image_labels or None,
-            thresholds=self.thresholds.to(maps.device, maps.dtype),
+            masks,
+            {k: v.to(device) for k, v in labels.items()}
+            or torch.zeros((len(masks), 1, *label_size), dtype=torch.int64, device=device),
+            {k: v.to(device) for k, v in data.get("image_labels", {}).items()} or None,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stat.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.stat.load_state_dict(sd)
 
 
 def dissect(
@@ -404,23 +422,27 @@ def dissect(
     thresholds = {layer: _threshold(pass1[f"quantile:{layer}"].stat, quantile) for layer in layers}
 
     # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.
-    pass2: dict[str, Any] = {}
-    for layer in layers:
-        geo = (geometry or {}).get(layer) or infer_geometry(model, layer)
-        stat = IoU(shapes[layer][1], concepts)
-        pass2[layer] = _IoUTally(stat, layer, prepare[layer], thresholds[layer], geo)
+    geometries = {
+        layer: (geometry or {}).get(layer) or infer_geometry(model, layer) for layer in layers
+    }
+    units = [shapes[layer][1] for layer in layers]
+    tally = _IoUTally(IoU(sum(units), concepts), layers, prepare, thresholds, geometries)
     run(
         model,
         source,
-        pass2,
+        {"iou": tally},
         checkpoint=ckpt_dir / "pass2.npz" if ckpt_dir else None,
         desc="dissect 2/2: IoU",
         **common,
     )
+    iou_all = tally.stat.iou_xarray()
+    offsets = np.concatenate([[0], np.cumsum(units)])
 
     results: dict[str, xr.Dataset] = {}
     for layer in layers:
-        iou = pass2[layer].stat.iou_xarray()
+        i = layers.index(layer)
+        iou = iou_all.isel(unit=slice(offsets[i], offsets[i + 1]))
+        iou = iou.assign_coords(unit=np.arange(units[i]))
         ds = label_units(iou, min_iou)
         ds["iou"] = iou.astype(np.float32)
         ds["threshold"] = ("unit", thresholds[layer].cpu().numpy())
