@@ -609,24 +609,28 @@ def _colorize(labels: torch.Tensor) -> np.ndarray:
 def omission_page(
     real: torch.Tensor,
     recon: torch.Tensor,
-    segmenter: Any,
+    segmenter: Any | None,
     out: str | os.PathLike,
     *,
     category: str = "object",
     title: str = "What the generator cannot draw",
 ) -> Path:
-    """Write ``out/index.html`` + ``out/img/omissions.png``: real | reconstruction | both segmentations."""
+    """Write ``out/index.html`` + ``out/img/omissions.png``: real | reconstruction | segmentations.
+
+    Without a ``segmenter`` only the real and reconstructed columns are drawn.
+    """
     from PIL import Image
 
     from nethook.fsd import write_text
 
     out = Path(out)
     (out / "img").mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        seg_real = segmenter.segment(real)[category][:, 0]
-        seg_recon = segmenter.segment(recon.clamp(0, 1))[category][:, 0]
     to8 = lambda t: (t.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8)  # noqa: E731
-    cols = [to8(real), to8(recon), _colorize(seg_real), _colorize(seg_recon)]
+    cols = [to8(real), to8(recon)]
+    if segmenter is not None:
+        with torch.no_grad():
+            cols.append(_colorize(segmenter.segment(real)[category][:, 0]))
+            cols.append(_colorize(segmenter.segment(recon.clamp(0, 1))[category][:, 0]))
     rows = [np.concatenate([c[i] for c in cols], axis=1) for i in range(len(real))]
     grid = np.concatenate(rows, axis=0)
     scale = max(1, 128 // real.shape[-1])
@@ -637,10 +641,12 @@ def omission_page(
     os.close(fd)
     img.save(tmp)
     os.replace(tmp, out / "img" / "omissions.png")
+    columns = "real | reconstruction"
+    if segmenter is not None:
+        columns += " | segmentation of real | segmentation of reconstruction"
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
-        f"<h2>{title}</h2><p>Columns: real | reconstruction | segmentation of real | "
-        "segmentation of reconstruction.</p><img src='img/omissions.png' alt='omissions'>"
+        f"<h2>{title}</h2><p>Columns: {columns}.</p><img src='img/omissions.png' alt='omissions'>"
         "</body></html>"
     )
     return write_text(out / "index.html", page)
