@@ -50,6 +50,7 @@ from nethook.store import (
     from_storage,
     read_identity,
     storage_dtype,
+    to_storage,
 )
 
 CHECKPOINT_VERSION = 1
@@ -203,6 +204,7 @@ class StoreWriter:
         self._full: dict[int, dict[str, np.ndarray]] = {}
         self._free: list[dict[str, np.ndarray]] = []
         self._filled: dict[int, int] = {}
+        self._streams: dict[int, Any] = {}
 
     def resume_batch(self, batch_size: int) -> int:
         """First batch number holding a sample of an incomplete block."""
@@ -258,9 +260,16 @@ class StoreWriter:
             self._error = exc
 
     def _absorb(self, start: int, acts: dict[str, torch.Tensor]) -> None:
-        """Cast a batch into its blocks' buffers (one pass); write blocks that fill up."""
+        """Hand a batch's samples to their blocks; complete blocks that fill up.
+
+        Plain local layouts stream each piece straight to the block's chunk files;
+        others cast into a block buffer (one pass) and write the block when full.
+        """
         store = self.store
         assert store is not None
+        if store.can_stream():
+            self._stream(start, acts)
+            return
         size = store.block_samples
         stored = storage_dtype(store.dtype)
         n = next(iter(acts.values())).shape[0]
@@ -295,9 +304,33 @@ class StoreWriter:
                     self._done_blocks.add(block)
             pos += take
 
+    def _stream(self, start: int, acts: dict[str, torch.Tensor]) -> None:
+        store = self.store
+        assert store is not None
+        n = next(iter(acts.values())).shape[0]
+        pos = start
+        while pos < start + n:
+            block = pos // store.block_samples
+            _, b_stop = store.block_range(block)
+            take = min(b_stop, start + n) - pos
+            if block not in self._done_blocks:
+                stream = self._streams.get(block)
+                if stream is None:
+                    stream = self._streams[block] = store.stream_block(block)
+                for name, t in acts.items():
+                    piece = t[pos - start : pos - start + take]
+                    stream.append(name, to_storage(piece, store.dtype))
+                if stream.full:
+                    self._streams.pop(block).commit(background=True)
+                    self._done_blocks.add(block)
+            pos += take
+
     def close(self) -> None:
         """Write every buffered complete block and stop the writer thread."""
         self._stop()
+        for stream in self._streams.values():
+            stream.abort()  # blocks this run did not fill (it covered part of them)
+        self._streams.clear()
         if self._error is not None:
             raise self._error
 
@@ -305,6 +338,9 @@ class StoreWriter:
         """Stop the writer thread after the blocks already queued (errors are dropped)."""
         with contextlib.suppress(BaseException):
             self._stop()
+        for stream in self._streams.values():
+            stream.abort()  # partial blocks: nothing of them stays
+        self._streams.clear()
 
     def _stop(self) -> None:
         if self._thread is not None and self._thread.is_alive():

@@ -44,18 +44,19 @@ import zarr
 from zarr.storage import LocalStore
 
 
-def _crc32(data: np.ndarray) -> int:
-    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"))
+def _crc32(data: np.ndarray, crc: int = 0) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"), crc)
 
 
+# Checksums continue from ``crc``: a block's checksum over pieces equals the one over all.
 CHECKSUMS = {"crc32": _crc32}
 try:  # hardware CRC-32C, about 3x zlib's CRC-32 here; zarr's crc32c codec needs it too
     import google_crc32c
 
-    def _crc32c(data: np.ndarray) -> int:
+    def _crc32c(data: np.ndarray, crc: int = 0) -> int:
         view = np.ascontiguousarray(data).view()
         view.flags.writeable = False
-        return int(google_crc32c.value(view.reshape(-1).view(np.uint8)))
+        return int(google_crc32c.extend(crc, view.reshape(-1).view(np.uint8)))
 
     CHECKSUMS["crc32c"] = _crc32c
     CHECKSUM = "crc32c"
@@ -512,14 +513,14 @@ class ActivationStore:
         parts = [np.arange(*self.block_range(int(b))) for b in self.completed_blocks()]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def _checksum(self, data: np.ndarray) -> int:
+    def _checksum(self, data: np.ndarray, crc: int = 0) -> int:
         name = self.identity.get("checksum", "crc32")
         if name not in CHECKSUMS:
             raise StoreError(
                 f"store {self.path} uses checksum {name!r}, which needs a package not "
                 "installed here (google-crc32c)"
             )
-        return CHECKSUMS[name](data)
+        return CHECKSUMS[name](data, crc)
 
     def _manifest_rows(self) -> np.ndarray:
         return np.asarray(self._manifest[:])
@@ -573,6 +574,29 @@ class ActivationStore:
             raise _write_error(exc, self.path, f"write samples {start}..{stop - 1}") from exc
         finally:
             row = np.array([1] + [f.result() for f in crcs], np.uint64)
+        self._complete(block, paths, row, background)
+
+    def can_stream(self) -> bool:
+        """True when blocks can be written piece by piece (:meth:`stream_block`)."""
+        return all(
+            self._direct_chunk_path(self._arrays[name], 0) is not None for name in self.layers
+        )
+
+    def stream_block(self, block: int) -> BlockStream:
+        """Start writing ``block`` piece by piece, straight to its chunk files.
+
+        Only for layouts where :meth:`can_stream` (plain local chunks): it saves the
+        copy into a block buffer that :meth:`write_block` needs when batches and blocks
+        do not line up. Append every layer's samples in order, then ``commit()``.
+        """
+        if not self.can_stream():
+            raise StoreError(f"store {self.path}: blocks of this layout cannot be streamed")
+        self.block_range(block)
+        return BlockStream(self, block)
+
+    def _complete(
+        self, block: int, paths: list[Path | None], row: np.ndarray, background: bool
+    ) -> None:
         finish = self._pool("sync").submit(self._finish_block, block, paths, row)
         self._pending.append(finish)
         while len(self._pending) > (2 if background else 0):
@@ -833,6 +857,96 @@ class ActivationStore:
             f"ActivationStore({self.path!r}, layers={self.layers}, samples={self.samples}, "
             f"dtype={self.dtype}, blocks {done}/{self.n_blocks} complete)"
         )
+
+
+class BlockStream:
+    """One block being written piece by piece (see :meth:`ActivationStore.stream_block`).
+
+    Pieces go to a temporary file per layer with a running checksum; :meth:`commit`
+    pads an edge block with the fill value, renames the files into place and marks
+    the block complete once they are durable. A stream never committed leaves only
+    temporary files, which the next resume deletes.
+    """
+
+    def __init__(self, store: ActivationStore, block: int):
+        self.store = store
+        self.block = block
+        start, stop = store.block_range(block)
+        self.samples = stop - start
+        self._files: dict[str, Any] = {}
+        self._tmp: dict[str, Path] = {}
+        self._crc = dict.fromkeys(store.layers, 0)
+        self._count = dict.fromkeys(store.layers, 0)
+
+    def append(self, layer: str, values: np.ndarray) -> None:
+        """Write the next ``values.shape[0]`` samples of ``layer`` (storage dtype)."""
+        store = self.store
+        store._check_layer(layer)
+        expected = tuple(store.identity["shapes"][layer])
+        stored = storage_dtype(store.dtype)
+        if values.shape[1:] != expected or values.dtype != stored:
+            raise ValueError(
+                f"block {self.block} of layer {layer!r}: got {values.dtype}{list(values.shape)}, "
+                f"expected {stored}[n, {', '.join(map(str, expected))}]"
+            )
+        if self._count[layer] + values.shape[0] > self.samples:
+            raise ValueError(
+                f"block {self.block} of layer {layer!r} holds {self.samples} samples; "
+                f"got {self._count[layer] + values.shape[0]}"
+            )
+        values = np.ascontiguousarray(values)
+        try:
+            if layer not in self._files:
+                path = store._direct_chunk_path(store._arrays[layer], self.block)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._tmp[layer] = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+                self._files[layer] = open(self._tmp[layer], "wb")  # noqa: SIM115
+            self._files[layer].write(memoryview(values).cast("B"))
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, store.path, f"write block {self.block}") from exc
+        self._crc[layer] = store._checksum(values, self._crc[layer])
+        self._count[layer] += values.shape[0]
+
+    @property
+    def full(self) -> bool:
+        """True when every layer has all the block's samples."""
+        return all(n == self.samples for n in self._count.values())
+
+    def commit(self, background: bool = False) -> None:
+        """Finish the files and mark the block complete (after an fsync; see write_block)."""
+        store = self.store
+        if not self.full:
+            raise ValueError(
+                f"block {self.block} is not full: samples per layer {self._count}, "
+                f"expected {self.samples}"
+            )
+        paths = []
+        try:
+            for layer in store.layers:
+                f = self._files.pop(layer)
+                arr = store._arrays[layer]
+                pad = arr.chunks[0] - self.samples
+                if pad:
+                    f.write(bytes(pad * int(np.prod(arr.chunks[1:])) * arr.dtype.itemsize))
+                f.close()
+                path = store._direct_chunk_path(arr, self.block)
+                os.replace(self._tmp.pop(layer), path)
+                paths.append(path)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, store.path, f"write block {self.block}") from exc
+        row = np.array([1] + [self._crc[layer] for layer in store.layers], np.uint64)
+        store._complete(self.block, paths, row, background)
+
+    def abort(self) -> None:
+        """Drop what was written of this block."""
+        for f in self._files.values():
+            f.close()
+        for tmp in self._tmp.values():
+            tmp.unlink(missing_ok=True)
+        self._files.clear()
+        self._tmp.clear()
 
 
 def check_identity(

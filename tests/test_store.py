@@ -313,3 +313,29 @@ def test_a_directory_of_other_files_is_never_overwritten(tmp_path):
     with pytest.raises(StoreError, match="not a Zarr store"):
         make(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_streamed_blocks_equal_written_blocks(tmp_path):
+    data = truth()
+    written = make(tmp_path / "written.zarr")
+    write_all(written, data)
+    streamed = make(tmp_path / "streamed.zarr")
+    assert streamed.can_stream()
+    for block in (2, 0, 1):  # any order; the edge block 2 is padded
+        start, stop = streamed.block_range(block)
+        stream = streamed.stream_block(block)
+        for cut in range(start, stop, 3):  # pieces of 3 samples, layers interleaved
+            for name in SHAPES:
+                stream.append(name, data[name][cut : min(cut + 3, stop)])
+        stream.commit(background=True)
+    streamed.flush()
+    assert tree_bytes(tmp_path / "written.zarr") == tree_bytes(tmp_path / "streamed.zarr")
+    stream = streamed.stream_block(0)
+    with pytest.raises(ValueError, match="holds 4 samples"):
+        stream.append("fc", data["fc"][:5])
+    stream.append("fc", data["fc"][:4])
+    with pytest.raises(ValueError, match="not full"):
+        stream.commit()
+    stream.abort()
+    assert not list((tmp_path / "streamed.zarr").rglob("*.partial"))
+    assert not make(tmp_path / "z.zarr", compressor="zstd").can_stream()
