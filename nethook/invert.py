@@ -531,9 +531,9 @@ def inversion_correlations(
     steps: int = 300,
     progress: bool = False,
 ) -> xr.DataArray:
-    """Mean correlation with the truth, dims ``method`` x ``quantity`` (z, r, x).
+    """Mean correlation with the truth, dims ``approach`` x ``quantity`` (z, r, x).
 
-    Methods: ``z_optimization`` (a), ``encoder`` (b), ``full`` (c), on ``n``
+    Approaches: ``z_optimization`` (a), ``encoder`` (b), ``full`` (c), on ``n``
     generated images from latents of ``seed`` (not a training seed).
     """
     chain = Chain(generator, layers)
@@ -558,8 +558,8 @@ def inversion_correlations(
     ]
     return xr.DataArray(
         np.array(values),
-        dims=("method", "quantity"),
-        coords={"method": list(results), "quantity": list(quantities)},
+        dims=("approach", "quantity"),
+        coords={"approach": list(results), "quantity": list(quantities)},
         name="correlation",
         attrs={"layer": layer, "samples": n, "steps": steps},
     )

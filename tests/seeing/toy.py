@@ -26,5 +26,9 @@ class ToyGenerator(nn.Sequential):
                 ),
             )
         )
+        with torch.no_grad():  # default inits shrink signals; keep every layer O(1)
+            for stage, gain in ((self.layer1, 3.0), (self.layer2, 2.0), (self.output, 4.0)):
+                for p in stage.parameters():
+                    p.mul_(gain)
         self.z_dim = Z_DIM
         self.eval()

@@ -1,0 +1,149 @@
+"""Layer-wise inversion: recovery on a small random generator, resumable training, bad input."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+from nethook.invert import (
+    Chain,
+    FeatureNet,
+    TrainSettings,
+    correlation,
+    encode,
+    inversion_correlations,
+    invert,
+    omission_page,
+    rich_in,
+    train_encoder,
+)
+
+from .planted import ColorSegmenter, StripeSource
+from .toy import ToyGenerator
+
+torch.set_num_threads(1)
+
+FAST = TrainSettings(steps=150, joint_steps=150, batch_size=16, hidden=32)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    generator = ToyGenerator(seed=0)
+    ckpt = tmp_path_factory.mktemp("inverters")
+    return generator, train_encoder(generator, settings=FAST, checkpoint_dir=ckpt, progress=False)
+
+
+def test_full_method_recovers_r(trained):
+    generator, encoder = trained
+    chain = Chain(generator)
+    with torch.no_grad():
+        rs = chain.representations(chain.sample_z(8, seed=999))
+    result = invert(generator, encoder, rs[-1], "layer1", lambda_v=0, steps=150)
+    assert correlation(result.r, rs[1]).min() >= 0.99
+    assert correlation(result.x, rs[-1]).min() >= 0.99
+    alone = encode(generator, encoder, rs[-1], "layer1")
+    assert correlation(result.r, rs[1]).mean() >= correlation(alone.r, rs[1]).mean()
+
+
+def test_correlation_table_with_a_feature_network(trained):
+    generator, encoder = trained
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    features = FeatureNet(net, layer="1", size=None, mean=(0, 0, 0), std=(1, 1, 1))
+    table = inversion_correlations(generator, encoder, "layer1", n=4, features=features, steps=60)
+    assert table.dims == ("approach", "quantity")
+    assert list(table["approach"].values) == ["z_optimization", "encoder", "full"]
+    assert table.sel(approach="full", quantity="r") >= 0.99
+
+
+def test_correlation_is_pearson():
+    a = torch.randn(3, 50, dtype=torch.float64)
+    assert torch.allclose(correlation(a, 2 * a + 1), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(correlation(a, -a), -torch.ones(3, dtype=torch.float64))
+
+
+def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("stop_after", [3, 7, 10])
+def test_resumed_training_equals_uninterrupted(tmp_path, stop_after):
+    """Stop mid-stage (3), in a later stage (7) or mid joint phase (10), resume, compare."""
+    generator = ToyGenerator(seed=1)
+    small = TrainSettings(steps=4, joint_steps=4, batch_size=4, hidden=8)
+    straight = train_encoder(generator, settings=small, progress=False)
+    partial = train_encoder(generator, settings=small, checkpoint_dir=tmp_path, progress=False,
+                            stop_after=stop_after, save_every=2)  # fmt: skip
+    resumed = train_encoder(generator, settings=small, checkpoint_dir=tmp_path, progress=False)
+    want = _params(straight)
+    assert any(not torch.equal(want[k], v) for k, v in _params(partial).items())
+    for k, v in _params(resumed).items():
+        assert torch.equal(want[k], v), k
+
+
+def test_checkpoints_are_keyed_by_generator_weights(tmp_path):
+    small = TrainSettings(steps=2, joint_steps=2, batch_size=2, hidden=8)
+    train_encoder(ToyGenerator(seed=1), settings=small, checkpoint_dir=tmp_path, progress=False)
+    first = set(p.name for p in tmp_path.iterdir())
+    assert len(first) == 4  # three stages and the joint encoder
+    train_encoder(ToyGenerator(seed=2), settings=small, checkpoint_dir=tmp_path, progress=False)
+    assert len(set(p.name for p in tmp_path.iterdir())) == 8
+
+
+def test_wrong_image_size_names_both_sizes(trained):
+    generator, encoder = trained
+    with pytest.raises(ValueError, match=r"\(3, 32, 32\).*\(3, 16, 16\)"):
+        invert(generator, encoder, torch.rand(1, 3, 32, 32), "layer1", lambda_v=0, steps=1)
+
+
+def test_unknown_layer_names_the_stages(trained):
+    generator, encoder = trained
+    with pytest.raises(ValueError, match=r"'layer9'.*\['layer1', 'layer2', 'output'\]"):
+        invert(generator, encoder, torch.rand(1, 3, 16, 16), "layer9", lambda_v=0, steps=1)
+
+
+def test_rich_in_picks_images_with_most_of_the_class():
+    source = StripeSource(30, seed=3)
+    picked = rich_in(source, ColorSegmenter(), ["blue"], n=3, scan=30, batch_size=7)
+    blue = [w[2] for w in source.widths]
+    assert sorted(blue[i] for i in picked) == sorted(blue)[-3:]
+    with pytest.raises(ValueError, match="purple"):
+        rich_in(source, ColorSegmenter(), ["purple"])
+
+
+def test_omission_page_has_four_columns(tmp_path):
+    real = torch.rand(2, 3, 8, 8)
+    index = omission_page(real, real.flip(-1), ColorSegmenter(), tmp_path)
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "img" / "omissions.png").size
+    assert (width, height) == (4 * 8 * 16, 2 * 8 * 16)
+    assert "segmentation of reconstruction" in index.read_text()
+
+
+def test_cli_inverts_source_images(tmp_path, monkeypatch, capsys):
+    from nethook.commands import invert as command
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {"image": torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i))}
+
+    monkeypatch.setattr("nethook.models.load_model", lambda spec, weights=None: ToyGenerator())
+    monkeypatch.setattr("nethook.plugins.get_source", lambda spec: Images())
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    argv = ["invert", "--layer", "layer2", "--images", "x", "--out", str(tmp_path), "--n", "2",
+            "--train-steps", "3", "--joint-steps", "2", "--steps", "3", "--features", "none",
+            "--quiet"]  # fmt: skip
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    saved = torch.load(tmp_path / "inversion.pt")
+    assert saved["r"].shape == (2, 8, 8, 8) and saved["reconstruction"].shape == (2, 3, 16, 16)
+    assert "image 1:" in capsys.readouterr().out
+    assert len(list((tmp_path / "inverters").iterdir())) == 4
