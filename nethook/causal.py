@@ -302,7 +302,7 @@ def search_causal_units(
     ``iou`` (one per unit) initializes ``alpha_u = IoU_u / max IoU`` (all ones if
     None). Every step draws a fresh batch of z (a function of ``seed`` and the step)
     and one feature cell per image, half where ``concept`` is present and half where
-    it appears under full insertion of ``k``; ``s_c`` is the segmenter's
+    it appears under full insertion of ``k`` (presence: probability > 0.5); ``s_c`` is the segmenter's
     differentiable probability averaged over that cell's pixels. ``checkpoint`` is
     a file written after each epoch; a run with the same settings resumes from it.
     """
@@ -348,13 +348,15 @@ def search_causal_units(
             gen = torch.Generator().manual_seed(seed * 1_000_003 + state.epoch * 10_007 + step)
             z = torch.randn(batch_size, generator.z_dim, generator=gen).to(device)
             with torch.no_grad():
-                base = generate(generator, layer, z, segmenter)
+                base = generate(generator, layer, z)
                 hw = base.features.shape[-2:]
-                present = concept_coverage(concept_mask(base.labels, cid), hw) > 0
+                seen = _probability(segmenter, base.images, cid) > 0.5
+                present = concept_coverage(seen, hw) > 0
                 full = torch.ones(batch_size, *hw, device=device)
-                inserted = generate(generator, layer, z, segmenter, partial_edit(
-                    torch.ones(d, device=device), full, k))  # fmt: skip
-                appear = (concept_coverage(concept_mask(inserted.labels, cid), hw) > 0) & ~present
+                edit = partial_edit(torch.ones(d, device=device), full, k)
+                inserted = generate(generator, layer, z, edit=edit)
+                seen = _probability(segmenter, inserted.images, cid) > 0.5
+                appear = (concept_coverage(seen, hw) > 0) & ~present
             region = _sample_locations(present.cpu(), appear.cpu(), gen).to(device)
             pix = _region_pixels(region, base.images.shape[-2:])
             area = pix.sum(dim=(1, 2)).clamp(min=1)

@@ -317,11 +317,11 @@ class ThresholdedIoU:
         """Add pixels ``acts [N, C]`` with concept presence ``[N, num_ids]``."""
         a = acts.detach().float().cpu().numpy()
         cols = presence[:, self.concept_ids].cpu().numpy()
-        ordered = np.sort(a, axis=0)  # [N, C]
+        ordered = np.sort(np.ascontiguousarray(a.T), axis=1)  # [C, N]
         n = a.shape[0]
         thr = self.thresholds.astype(np.float32)
         for u in range(a.shape[1]):
-            self.unit_area[u] += n - np.searchsorted(ordered[:, u], thr[u], side="right")
+            self.unit_area[u] += n - np.searchsorted(ordered[u], thr[u], side="right")
         self.label_area += cols.sum(0)
         for j in np.flatnonzero(cols.any(0)):
             rows = a[cols[:, j]]
@@ -357,7 +357,7 @@ def gandissect(
     concepts: Sequence[str | int] | None = None,
     batch_size: int = 50,
     levels: np.ndarray | None = None,
-    pixel_step: int = 4,
+    pixel_step: int = 8,
     min_iou: float = DEFAULT_MIN_IOU,
     gallery: int = DEFAULT_GALLERY,
     thumbnail: int = 64,
