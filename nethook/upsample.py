@@ -156,21 +156,50 @@ def upsample(
     if maps.ndim != 4:
         raise ValueError(f"upsample expects [B, C, h, w] maps, got shape {tuple(maps.shape)}")
     h, w = maps.shape[-2:]
-    uniform = Geometry.uniform(input_size, (h, w))
-    if geometry is None or _close(geometry, uniform):
-        if (h, w) == tuple(size) == tuple(input_size):
-            return maps
-        # the same sampling as below, by the faster separable resize
-        return F.interpolate(
-            maps.float(), size=tuple(size), mode="bilinear", align_corners=False
-        ).to(maps.dtype)
-    return grid_upsample(maps, size, input_size, geometry)
+    if geometry is None:
+        geometry = Geometry.uniform(input_size, (h, w))
+    if (h, w) == tuple(size) == tuple(input_size) and _close(geometry, IDENTITY):
+        return maps
+    ry, rx = (
+        interpolation_matrix(n_label, n_input, n_cells, stride, offset, maps.device)
+        for n_label, n_input, n_cells, stride, offset in zip(
+            size, input_size, (h, w), geometry.stride, geometry.offset, strict=True
+        )
+    )
+    out = ry @ maps.float() @ rx.T  # separable bilinear: rows, then columns
+    return out.to(maps.dtype)
+
+
+def interpolation_matrix(
+    n_label: int,
+    n_input: int,
+    n_cells: int,
+    stride: float,
+    offset: float,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[n_label, n_cells]`` weights of linear interpolation along one axis.
+
+    Row ``j`` holds the weights of the cells around label pixel ``j``'s centre
+    (input coordinate ``(j + 0.5) * n_input / n_label - 0.5``), at cell positions
+    ``offset + stride * i``, clamped to the outermost cells; each row sums to 1.
+    """
+    centre = (torch.arange(n_label, dtype=torch.float64) + 0.5) * (n_input / n_label) - 0.5
+    cell = ((centre - offset) / stride).clamp(0, n_cells - 1)
+    lo = cell.floor().long().clamp(max=n_cells - 1)
+    hi = (lo + 1).clamp(max=n_cells - 1)
+    frac = cell - lo
+    m = torch.zeros(n_label, n_cells, dtype=torch.float64)
+    rows = torch.arange(n_label)
+    m.index_put_((rows, lo), 1 - frac, accumulate=True)
+    m.index_put_((rows, hi), frac, accumulate=True)
+    return m.to(device=device, dtype=torch.float32)
 
 
 def grid_upsample(
     maps: torch.Tensor, size: tuple[int, int], input_size: tuple[int, int], geometry: Geometry
 ) -> torch.Tensor:
-    """The general path of :func:`upsample`: bilinear sampling at label-pixel centres."""
+    """Reference implementation of :func:`upsample` with ``grid_sample`` (slower)."""
     h, w = maps.shape[-2:]
     coords = []
     for n_label, n_input, n_cells, stride, offset in zip(
