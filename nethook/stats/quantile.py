@@ -37,8 +37,8 @@ and ``n`` the channel's non-NaN count. ``V`` is the body's for ranks answered by
 the body and the tail's for ranks in the tail region. :meth:`rank_error_bound`
 returns these bounds for the state at hand. With the defaults (``k=4096``,
 ``tail_k=1024``, ``tail=0.02``) and i.i.d. data the bound at ``delta=1e-6``
-is about 1.4e-3 for the body and 1.1e-4 for the tail at N = 2e6 (both shrink
-slowly with N); observed errors are 2-3x smaller (max over 512 channels 6e-4 in
+is about 1.4e-3 for the body and 1.1e-4 for the tail at N = 2e6 (both grow
+slowly with log N); observed errors are 2-3x smaller (max over 512 channels 6e-4 in
 the body, 5e-5 at q in [0.99, 0.999]).
 Results are exact while ``N <= k`` (nothing compacted yet), and ``min()``,
 ``max()``, ``count`` and ``nan_count`` are always exact.
