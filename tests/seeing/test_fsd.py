@@ -199,3 +199,17 @@ def test_cli_prints_fsd_beside_floor(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FSD" in out and "noise floor" in out and "dropped classes: blue" in out
     assert (tmp_path / "index.html").is_file()
+
+
+def test_sharded_statistics_merge_to_the_whole():
+    """Shards segmented separately (e.g. on Dask workers) merge to the single-pass stats."""
+    from nethook.fsd import real_batches, segment_statistics
+
+    src, seg = StripeSource(50, seed=9), ColorSegmenter()
+    whole = segment_statistics(seg, real_batches(src, list(range(50)), 50), [1, 2, 3])
+    a = segment_statistics(seg, real_batches(src, list(range(0, 17)), 5), [1, 2, 3])
+    b = segment_statistics(seg, real_batches(src, list(range(17, 50)), 8), [1, 2, 3])
+    a.merge(b)
+    torch.testing.assert_close(a.mean(), whole.mean())
+    torch.testing.assert_close(a.covariance(), whole.covariance())
+    np.testing.assert_allclose(whole.mean().numpy(), true_shares(src.widths).mean(0))
