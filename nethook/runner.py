@@ -205,6 +205,7 @@ class StoreWriter:
         self._free: list[dict[str, np.ndarray]] = []
         self._filled: dict[int, int] = {}
         self._streams: dict[int, Any] = {}
+        self._scratch: dict[str, np.ndarray] = {}
 
     def resume_batch(self, batch_size: int) -> int:
         """First batch number holding a sample of an incomplete block."""
@@ -318,12 +319,29 @@ class StoreWriter:
                 if stream is None:
                     stream = self._streams[block] = store.stream_block(block)
                 for name, t in acts.items():
-                    piece = t[pos - start : pos - start + take]
-                    stream.append(name, to_storage(piece, store.dtype))
+                    stream.append(name, self._cast(name, t[pos - start : pos - start + take]))
                 if stream.full:
                     self._streams.pop(block).commit(background=True)
                     self._done_blocks.add(block)
             pos += take
+
+    def _cast(self, name: str, piece: torch.Tensor) -> np.ndarray:
+        """``piece`` in the storage dtype: a view when it already is, else cast into a
+        reused scratch buffer (fresh memory would cost a page fault per page)."""
+        dtype = self.store.dtype
+        if piece.device.type == "cpu" and piece.dtype == getattr(torch, dtype):
+            return to_storage(piece, dtype)
+        scratch = self._scratch.get(name)
+        if (
+            scratch is None
+            or scratch.shape[0] < piece.shape[0]
+            or scratch.shape[1:] != piece.shape[1:]
+        ):
+            scratch = np.empty(piece.shape, storage_dtype(dtype))
+            self._scratch[name] = scratch
+        out = scratch[: piece.shape[0]]
+        _as_tensor(out, dtype).copy_(piece)
+        return out
 
     def close(self) -> None:
         """Write every buffered complete block and stop the writer thread."""
