@@ -29,5 +29,5 @@ class Clamp(Intervention):
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"Clamp: low={self.low} is greater than high={self.high}")
 
-    def target(self, r: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    def target(self, r: torch.Tensor) -> torch.Tensor:
         return r.clamp(min=self.low, max=self.high)
