@@ -357,6 +357,7 @@ def dissect(
     dissection rerun with the same arguments resumes where it stopped.
     """
     from nethook.hashing import content_key, hash_model
+    from nethook.layers import resolve_layers
     from nethook.models import load_model
     from nethook.plugins import get_source
     from nethook.runner import run
@@ -371,6 +372,7 @@ def dissect(
     layers = [layers] if isinstance(layers, str) else list(layers)
     if not layers:
         raise ValueError("layers is empty: name at least one layer to dissect")
+    layers = list(resolve_layers(model, layers))
     if not 0.0 < quantile < 0.5:
         raise ValueError(f"quantile must be a top share in (0, 0.5), got {quantile}")
     if rotate is not None and not 0.0 <= rotate <= 1.0:
@@ -465,7 +467,7 @@ def dissect(
         h, w = source[0]["image"].shape[-2:]
         scale = min(1.0, gallery_size / max(h, w))
         thumb = (max(1, round(h * scale)), max(1, round(w * scale)))
-        _add_galleries(model, results, source, prepare, thumb, device, batch_size)
+        _add_galleries(results, model, source, prepare, geometries, thumb, device, batch_size)
     if out is not None:
         save_results(results, out)
     return results
@@ -536,7 +538,14 @@ def _top(stat) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _add_galleries(
-    model, results, source, prepare, size: tuple[int, int], device, batch_size: int
+    results: dict[str, xr.Dataset],
+    model: nn.Module,
+    source,
+    prepare: Mapping[str, Callable],
+    geometries: Mapping[str, Geometry | None],
+    size: tuple[int, int],
+    device,
+    batch_size: int,
 ) -> None:
     """Add ``top_image`` and ``top_mask`` thumbnails (``size`` = (h, w)) to every layer's dataset."""
     import torch.nn.functional as F
@@ -577,8 +586,7 @@ def _add_galleries(
             )
             acts = prepare[layer](batch.acts[layer])
             maps = acts[which.to(acts.device), torch.as_tensor(units).to(acts.device)]
-            geo = infer_geometry(model, layer)
-            up = upsample(maps[:, None], size, tuple(images.shape[-2:]), geo)[:, 0]
+            up = upsample(maps[:, None], size, tuple(images.shape[-2:]), geometries[layer])[:, 0]
             thr = torch.as_tensor(ds["threshold"].values[units], device=up.device)
             masks = (up >= thr[:, None, None]).cpu().numpy()
             img_store, mask_store = gallery[layer]

@@ -287,7 +287,7 @@ def test_dissect_command_on_broden(tmp_path: Path, capsys) -> None:
         "--model",
         f"{model_file}:build",
         "--layers",
-        "1,2",
+        "[12]",  # a glob: both modules "1" and "2"
         "--source",
         f"broden:{root}",
         "--out",
