@@ -80,7 +80,7 @@ IDENTITY_FIELDS = (
     "chunk_samples",
     "compressor",
 )
-DEFAULT_BLOCK_BYTES = 32 * 2**20
+DEFAULT_BLOCK_BYTES = 64 * 2**20
 # Chunk files named c.<block>.0.0.0 side by side: no directory per block to create (and
 # directory operations are slow on many file systems).
 FLAT_KEYS = {"name": "default", "separator": "."}
@@ -234,9 +234,9 @@ class ActivationStore:
         ``layers`` maps each layer name to its per-sample activation shape (``[C, H, W]``,
         ``[T, C]`` or ``[C]``). ``attrs`` holds the provenance: ``model``, ``model_hash``,
         ``source``, ``source_fingerprint``, ``seed`` (all optional, recorded as given).
-        ``block_samples`` defaults to about 32 MiB of the largest layer per block; with
-        ``chunk_samples`` smaller than a block, blocks become shards of such chunks (for
-        cheap random access to single samples). ``compressor`` is ``None`` (fastest: zarr
+        ``block_samples`` defaults to about 64 MiB of the largest layer per block, split
+        so blocks are of equal size; with ``chunk_samples`` smaller than a block, blocks
+        become shards of such chunks (for cheap random access to single samples). ``compressor`` is ``None`` (fastest: zarr
         writing is CPU-bound), ``"zstd"`` or ``"blosc"``.
         """
         path = _check_path(path)
@@ -347,8 +347,9 @@ class ActivationStore:
             if "/" in name or name.startswith("__"):
                 raise ValueError(f"layer name {name!r} cannot be a Zarr node name")
         largest = max(int(np.prod(s)) for s in shapes.values()) * itemsize
-        if block_samples is None:
-            block_samples = max(1, DEFAULT_BLOCK_BYTES // max(largest, 1))
+        if block_samples is None:  # about DEFAULT_BLOCK_BYTES, blocks of equal size
+            target = max(1, DEFAULT_BLOCK_BYTES // max(largest, 1))
+            block_samples = -(-samples // -(-samples // target))
         block_samples = int(min(block_samples, samples))
         if block_samples < 1:
             raise ValueError(f"block_samples must be >= 1, got {block_samples}")

@@ -34,7 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--start", type=int, default=0, help="first sample (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="storage dtype")
-    parser.add_argument("--block-samples", type=int, help="samples per block (default ~32 MiB)")
+    parser.add_argument(
+        "--block-samples",
+        type=int,
+        help="samples per block (default: ~64 MiB of the largest layer)",
+    )
     parser.add_argument(
         "--chunk-samples", type=int, help="samples per chunk; smaller than a block = sharded"
     )
