@@ -81,11 +81,8 @@ class Chain:
 
     def prepare_z(self, z: torch.Tensor) -> torch.Tensor:
         """``z`` in the shape the first stage takes."""
-        first = next(iter(self.stages[0].modules()))
-        for m in self.stages[0].modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-                first = m
-                break
+        kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+        first = next((m for m in self.stages[0].modules() if isinstance(m, kinds)), None)
         if z.dim() == 2 and isinstance(first, (nn.Conv2d, nn.ConvTranspose2d)):
             return z[:, :, None, None]
         return z
