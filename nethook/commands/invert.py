@@ -77,8 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
     from nethook.fsd import real_batches
     from nethook.invert import (
+        Chain,
         FeatureNet,
         TrainSettings,
+        check_image_size,
         invert,
         omission_page,
         rich_in,
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             indices = list(range(min(args.n, len(source))))
         images = next(iter(real_batches(source, indices, len(indices), device)))
+        check_image_size(Chain(generator), images)  # before any training
         settings = TrainSettings(steps=args.train_steps, joint_steps=args.joint_steps)
         encoder = train_encoder(
             generator, settings=settings,
