@@ -147,3 +147,18 @@ def test_cli_inverts_source_images(tmp_path, monkeypatch, capsys):
     assert saved["r"].shape == (2, 8, 8, 8) and saved["reconstruction"].shape == (2, 3, 16, 16)
     assert "image 1:" in capsys.readouterr().out
     assert len(list((tmp_path / "inverters").iterdir())) == 4
+
+
+def test_cli_refuses_wrong_size_before_training(tmp_path, monkeypatch, capsys):
+    from nethook.commands import invert as command
+
+    images = [{"image": torch.rand(3, 32, 32)}]
+    monkeypatch.setattr("nethook.models.load_model", lambda spec, weights=None: ToyGenerator())
+    monkeypatch.setattr("nethook.plugins.get_source", lambda spec: images)
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["invert", "--layer", "layer1", "--images", "x", "--out",
+                              str(tmp_path / "o"), "--n", "1", "--quiet"])  # fmt: skip
+    assert args.func(args) == 2
+    assert "(3, 32, 32)" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "inverters").exists()
