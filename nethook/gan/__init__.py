@@ -7,5 +7,6 @@
   material heads) that the ``scenes-seg`` segmenter plugin wraps.
 - :mod:`nethook.gan.fsd`: a plain Frechet Segmentation Distance.
 - ``train_gan`` / ``train_segnet``: the resumable scripts that made the shipped
-  weights; ``MODEL_CARD.md`` has their figures.
+  weights; ``evaluate_gan`` measures the generator's FSD. ``MODEL_CARD.md`` has
+  the figures.
 """
