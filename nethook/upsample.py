@@ -140,6 +140,19 @@ def _close(a: Geometry, b: Geometry) -> bool:
     return all(abs(x - y) < 1e-9 for x, y in pairs)
 
 
+def is_identity(
+    feature_size: tuple[int, int],
+    size: tuple[int, int],
+    input_size: tuple[int, int],
+    geometry: Geometry | None = None,
+) -> bool:
+    """Whether :func:`upsample` returns feature maps of ``feature_size`` unchanged."""
+    if geometry is None:
+        geometry = Geometry.uniform(input_size, feature_size)
+    same = tuple(feature_size) == tuple(size) == tuple(input_size)
+    return same and _close(geometry, IDENTITY)
+
+
 def upsample(
     maps: torch.Tensor,
     size: tuple[int, int],
@@ -158,7 +171,7 @@ def upsample(
     h, w = maps.shape[-2:]
     if geometry is None:
         geometry = Geometry.uniform(input_size, (h, w))
-    if (h, w) == tuple(size) == tuple(input_size) and _close(geometry, IDENTITY):
+    if is_identity((h, w), size, input_size, geometry):
         return maps
     ry, rx = (
         interpolation_matrix(n_label, n_input, n_cells, stride, offset, maps.device)
