@@ -482,10 +482,18 @@ def dissect(
     }
     units = [shapes[layer][1] for layer in layers]
     tally = _IoUTally(IoU(sum(units), concepts), layers, prepare, thresholds, geometries)
+    tops = {layer: _top(pass1[f"topk:{layer}"].stat) for layer in layers}
+    pass2: dict[str, Any] = {"iou": tally}
+    if gallery_size:
+        h, w = source[0]["image"].shape[-2:]
+        scale = min(1.0, gallery_size / max(h, w))
+        thumb = (max(1, round(h * scale)), max(1, round(w * scale)))
+        indices = {layer: tops[layer][1] for layer in layers}
+        pass2["gallery"] = _Gallery(indices, prepare, thresholds, geometries, thumb)
     run(
         model,
         source,
-        {"iou": tally},
+        pass2,
         checkpoint=ckpt_dir / "pass2.npz" if ckpt_dir else None,
         desc="dissect 2/2: IoU",
         **common,
@@ -501,7 +509,7 @@ def dissect(
         ds = label_units(iou, min_iou)
         ds["iou"] = iou.astype(np.float32)
         ds["threshold"] = ("unit", thresholds[layer].cpu().numpy())
-        values, indices = _top(pass1[f"topk:{layer}"].stat)
+        values, indices = tops[layer]
         ds["top_index"] = (("unit", "rank"), indices)
         ds["top_value"] = (("unit", "rank"), values)
         ds.attrs = {
@@ -517,10 +525,8 @@ def dissect(
         }
         results[layer] = ds
     if gallery_size:
-        h, w = source[0]["image"].shape[-2:]
-        scale = min(1.0, gallery_size / max(h, w))
-        thumb = (max(1, round(h * scale)), max(1, round(w * scale)))
-        _add_galleries(results, model, source, prepare, geometries, thumb, device, batch_size)
+        pass2["gallery"].finish(model, source, device, batch_size)
+        pass2["gallery"].add_to(results)
     if out is not None:
         save_results(results, out)
     return results
@@ -590,78 +596,103 @@ def _top(stat) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(values.cpu(), dtype=np.float32), np.asarray(indices.cpu(), dtype=np.int64)
 
 
-def _add_galleries(
-    results: dict[str, xr.Dataset],
-    model: nn.Module,
-    source,
-    prepare: Mapping[str, Callable],
-    geometries: Mapping[str, Geometry | None],
-    size: tuple[int, int],
-    device,
-    batch_size: int,
-) -> None:
-    """Add ``top_image`` and ``top_mask`` thumbnails (``size`` = (h, w)) to every layer's dataset."""
-    import torch.nn.functional as F
-    from torch.utils.data import Subset
+class _Gallery:
+    """Thumbnails of each unit's top images with the unit's mask, gathered in passing.
 
-    from nethook.runner import FunctionConsumer, default_inputs, run
+    A consumer of pass 2: the top images are known after pass 1, so each one is
+    rendered when pass 2 meets it (no third pass over the images). Positions it has
+    not met (a resumed pass 2 skips the batches before its checkpoint) are rendered
+    by :meth:`finish` in a small pass of their own.
+    """
 
-    layers = list(results)
-    wanted = np.unique(np.concatenate([ds["top_index"].values.ravel() for ds in results.values()]))
-    wanted = wanted[wanted >= 0]
-    gallery = {}
-    for layer, ds in results.items():
-        u, k = ds["top_index"].shape
-        gallery[layer] = (
-            np.zeros((u, k, *size, 3), dtype=np.uint8),
-            np.zeros((u, k, *size), dtype=bool),
-        )
-    thumbs: dict[int, np.ndarray] = {}
+    def __init__(
+        self,
+        top: Mapping[str, np.ndarray],
+        prepare: Mapping[str, Callable],
+        thresholds: Mapping[str, torch.Tensor],
+        geometries: Mapping[str, Geometry | None],
+        size: tuple[int, int],
+    ) -> None:
+        self.top = dict(top)
+        self.layers = tuple(top)
+        self.prepare = prepare
+        self.thresholds = thresholds
+        self.geometries = geometries
+        self.size = size
+        wanted = np.unique(np.concatenate([t.ravel() for t in self.top.values()]))
+        self.wanted = wanted[wanted >= 0]
+        self.seen = np.zeros(len(self.wanted), dtype=bool)
+        self.images = {
+            layer: np.zeros((*t.shape, *size, 3), dtype=np.uint8) for layer, t in self.top.items()
+        }
+        self.masks = {
+            layer: np.zeros((*t.shape, *size), dtype=bool) for layer, t in self.top.items()
+        }
 
-    def render(batch) -> None:
-        pos = wanted[batch.positions.cpu().numpy()]
+    def __call__(self, batch, positions: np.ndarray | None = None) -> None:
+        import torch.nn.functional as F
+
+        pos = batch.positions.cpu().numpy() if positions is None else positions
+        keep = np.nonzero(np.isin(pos, self.wanted))[0]
+        if len(keep) == 0:
+            return
+        pos = pos[keep]
+        self.seen[np.searchsorted(self.wanted, pos)] = True
         images = batch.data["image"]
+        rows = torch.as_tensor(keep).to(images.device)
         small = F.interpolate(
-            images.float(), size=size, mode="bilinear", antialias=True, align_corners=False
+            images[rows].float(),
+            size=self.size,
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
         )
-        small = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-        for i, p in enumerate(pos):
-            thumbs[int(p)] = small[i].cpu().numpy()
-        for layer in layers:
-            ds = results[layer]
-            top = ds["top_index"].values
+        small = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        row = {int(p): i for i, p in enumerate(pos)}
+        for layer in self.layers:
+            top = self.top[layer]
             units, ranks = np.nonzero(np.isin(top, pos))
             if len(units) == 0:
                 continue
-            row = {int(p): i for i, p in enumerate(pos)}
-            which = torch.as_tensor(
-                [row[int(top[u, r])] for u, r in zip(units, ranks, strict=True)]
+            which = np.array([row[int(top[u, r])] for u, r in zip(units, ranks, strict=True)])
+            acts = self.prepare[layer](batch.acts[layer])
+            maps = acts[
+                torch.as_tensor(keep[which]).to(acts.device), torch.as_tensor(units).to(acts.device)
+            ]
+            up = upsample(
+                maps[:, None], self.size, tuple(images.shape[-2:]), self.geometries[layer]
             )
-            acts = prepare[layer](batch.acts[layer])
-            maps = acts[which.to(acts.device), torch.as_tensor(units).to(acts.device)]
-            up = upsample(maps[:, None], size, tuple(images.shape[-2:]), geometries[layer])[:, 0]
-            thr = torch.as_tensor(ds["threshold"].values[units], device=up.device)
-            masks = (up >= thr[:, None, None]).cpu().numpy()
-            img_store, mask_store = gallery[layer]
-            mask_store[units, ranks] = masks
-            img_store[units, ranks] = np.stack(
-                [thumbs[int(top[u, r])] for u, r in zip(units, ranks, strict=True)]
-            )
+            thr = torch.as_tensor(self.thresholds[layer].cpu().numpy()[units], device=up.device)
+            self.masks[layer][units, ranks] = (up[:, 0] >= thr[:, None, None]).cpu().numpy()
+            self.images[layer][units, ranks] = small[which]
 
-    run(
-        model,
-        Subset(source, wanted.tolist()),
-        FunctionConsumer(render, layers),
-        batch_size=batch_size,
-        collate_fn=source.collate,
-        inputs=default_inputs(source, device),
-        device=device,
-        progress=False,
-    )
-    for layer, ds in results.items():
-        images, masks = gallery[layer]
-        ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), images)
-        ds["top_mask"] = (("unit", "rank", "y", "x"), masks)
+    def finish(self, model: nn.Module, source, device, batch_size: int) -> None:
+        """Render the top images that pass 2 did not meet (only after a resume)."""
+        from torch.utils.data import Subset
+
+        from nethook.runner import FunctionConsumer, default_inputs, run
+
+        missing = self.wanted[~self.seen]
+        if len(missing) == 0:
+            return
+        run(
+            model,
+            Subset(source, missing.tolist()),
+            FunctionConsumer(
+                lambda batch: self(batch, missing[batch.positions.cpu().numpy()]), self.layers
+            ),
+            batch_size=batch_size,
+            collate_fn=source.collate,
+            inputs=default_inputs(source, device),
+            device=device,
+            progress=False,
+        )
+
+    def add_to(self, results: dict[str, xr.Dataset]) -> None:
+        """Store ``top_image`` and ``top_mask`` in every layer's dataset."""
+        for layer, ds in results.items():
+            ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), self.images[layer])
+            ds["top_mask"] = (("unit", "rank", "y", "x"), self.masks[layer])
 
 
 def rotation_sweep(
