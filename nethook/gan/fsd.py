@@ -30,7 +30,7 @@ def class_shares(
         raise ValueError(f"segmenter has no concepts of category {category!r}")
     labels = segmenter.segment(images)[category][:, 0]
     flat = labels.reshape(labels.shape[0], -1)
-    onehot = flat[:, :, None] == torch.as_tensor(ids, device=flat.device)[None, None]
+    onehot = flat[:, :, None] == torch.tensor(ids, device=flat.device)[None, None]
     return onehot.float().mean(dim=1)
 
 

@@ -69,17 +69,17 @@ def test_scenes_seg_resizes_other_sizes():
         seg.segment(torch.rand(3, 32, 32))
 
 
-def test_ablating_top_tree_units_removes_more_trees_than_random_units():
+def test_ablating_top_grass_units_removes_more_grass_than_random_units():
     from nethook.causal import ablation_curve
     from nethook.gan.generator import scene_gan
     from nethook.gandissect import gandissect
 
     gen, seg = scene_gan(), scenes_seg()
-    ds = gandissect(gen, "layer2", seg, n=40, concepts=["tree"], gallery=0, progress=False)
+    ds = gandissect(gen, "layer2", seg, n=40, concepts=["grass"], gallery=0, progress=False)
     top = [int(u) for u in np.argsort(-ds["iou"].values[:, 0], kind="stable")]
     random_units = [int(u) for u in np.random.default_rng(0).permutation(64)]
     curve = ablation_curve(
-        gen, "layer2", seg, "tree", {"top": top, "random": random_units}, counts=(10,), n=30
+        gen, "layer2", seg, "grass", {"top": top, "random": random_units}, counts=(10,), n=30
     )
     removed_top = curve.sel(ranking="top", units=10).item()
     removed_random = curve.sel(ranking="random", units=10).item()
