@@ -15,11 +15,11 @@ import argparse
 import time
 
 import torch
+from nethook_plugins.scenes_segmenter import ScenesSegmenter
 
 from nethook.causal import insertion_constant, search_causal_units
 from nethook.gan.generator import scene_gan
 from nethook.gandissect import gandissect, sample_z
-from nethook_plugins.scenes_segmenter import ScenesSegmenter
 
 
 def bare(generator, segmenter, n: int, seeds: tuple[int, int], batch: int) -> None:
