@@ -69,9 +69,10 @@ def test_ace_and_intervene(tmp_path, capsys):
     assert (out / "ablation_curve.png").is_file()
     code = run(
         ["intervene", "--layer", "layer2", "--ablate", "sky:4", "--ranking", str(out / "ace.json"),
-         "--samples", "3", "--out", str(tmp_path / "img")]
+         "--insert", "sky:4", "--at", "1,2", "--samples", "3", "--out", str(tmp_path / "img")]
     )  # fmt: skip
     assert code == 0
     assert (tmp_path / "img" / "ablate_sky_4.png").is_file()
+    assert (tmp_path / "img" / "insert_sky_4.png").is_file()
     assert "causal search" in capsys.readouterr().out
     assert run(["intervene", "--layer", "layer2", "--ablate", "sky", "--out", str(tmp_path)]) == 2
