@@ -78,7 +78,8 @@ def test_covariance_float64_option_within_1e_12(seed, n, c, parts, offset, as64)
     stat = stream(Covariance(dtype=torch.float64), x, random_splits(rng, n, parts))
     ref = x.astype(np.float64)
     assert rel_err(stat.covariance(), np.atleast_2d(np.cov(ref, rowvar=False))) <= 1e-12
-    assert rel_err(stat.mean(), ref.mean(0)) <= 1e-14
+    # the mean's error relative to the data's magnitude (a mean near 0 has no relative scale)
+    assert np.all(np.abs(stat.mean().numpy() - ref.mean(0)) <= 1e-14 * np.abs(ref).max(0))
 
 
 def test_naive_float32_fails_where_covariance_holds():
