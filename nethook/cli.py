@@ -12,7 +12,19 @@ import argparse
 import importlib
 import sys
 
-CORE_COMMANDS = ("layers", "plugins", "record", "info", "demo", "dissect")
+CORE_COMMANDS = (
+    "demo",
+    "layers",
+    "plugins",
+    "record",
+    "info",
+    "dissect",
+    "gandissect",
+    "ace",
+    "intervene",
+    "fsd",
+    "invert",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nethook {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in CORE_COMMANDS:
-        try:
-            module = importlib.import_module(f"nethook.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"nethook.commands.{name}":
-                continue  # not built yet
-            raise
-        module.register(sub)
+        importlib.import_module(f"nethook.commands.{name}").register(sub)
     _add_plugin_commands(sub)
     return parser
 
