@@ -21,6 +21,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.data import TensorDataset
 
 from nethook.rewrite import facts as fw
 from nethook.rewrite.keys import key_second_moment
@@ -31,10 +32,7 @@ def fact_edits(n_edits: int) -> None:
     facts = fw.make_facts(0)
     lm, vocab = fw.train_tiny_lm(facts, seed=0)
     layer = "blocks.0.mlp.fc_out"
-    g = torch.Generator().manual_seed(1)
-    text = [torch.randint(1, len(vocab), (64, 8), generator=g) for _ in range(20)]
-    text.append(fw.batch(vocab, [fw.prompt(f, t) for f in facts for t in range(4)])[0])
-    C = key_second_moment(lm, layer, text, progress=False).moment()
+    C = key_second_moment(lm, layer, fw.key_text(vocab, facts), progress=False).moment()
     step = max(1, len(facts) // n_edits)
     rows = {"rank-one edit": [], "fine-tune": []}
     for i, fact in enumerate(facts[::step][:n_edits]):
@@ -83,7 +81,7 @@ def conv_edit() -> None:
     objects = torch.stack([it["labels"]["object"][0] for it in items])
     model = scene_cnn()
     half = len(items) // 2
-    C = key_second_moment(model, layer, list(images[:half].split(32)), progress=False).moment()
+    C = key_second_moment(model, layer, TensorDataset(images[:half]), progress=False).moment()
     with torch.no_grad(), Trace(model, layer, retain_input=True, stop=True) as t:
         model(images)
     keys = t.input.permute(0, 2, 3, 1).double()
@@ -116,20 +114,20 @@ def key_statistics_cost(repeats: int = 3) -> None:
     from nethook.demo.scene_cnn import scene_cnn
 
     model = scene_cnn()
-    batches = [torch.randn(64, 3, 64, 64) for _ in range(16)]
+    images = torch.randn(1024, 3, 64, 64)
     layer = "block4.conv"
     bare, ours = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         with torch.no_grad():
-            for b in batches:
+            for b in images.split(64):
                 with Trace(model, layer, retain_output=False, stop=True):
                     model(b)
         bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        key_second_moment(model, layer, batches, progress=False)
+        key_second_moment(model, layer, TensorDataset(images), batch_size=64, progress=False)
         ours.append(time.perf_counter() - t0)
-    n = sum(len(b) for b in batches)
+    n = len(images)
     print(f"\n3. key second moment of {layer} over {n} images (median of {repeats})")
     print(
         f"forward to the layer: {statistics.median(bare):.3f} s; with C: "

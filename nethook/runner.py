@@ -65,6 +65,8 @@ class Batch:
     ``image``, ``labels``, ``image_labels``, ``index``), or None in a store pass without
     a source; ``positions`` are the samples' positions in the source, ``start`` the
     run-relative index of the first sample and ``number`` the batch's number in the run.
+    ``inputs`` maps layer name -> the layer's input, filled only when a consumer reads
+    inputs (``StatConsumer(..., of="input")``: a layer's keys, for rewriting).
     """
 
     acts: dict[str, torch.Tensor]
@@ -72,6 +74,7 @@ class Batch:
     positions: torch.Tensor
     start: int
     number: int
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -97,6 +100,8 @@ class StatConsumer:
 
     ``transform`` turns the layer's ``[B, ...]`` activations into the stat's input;
     the default is :func:`nethook.stats.flatten` (``[B,C,H,W]`` / ``[B,T,C]`` -> ``[N,C]``).
+    ``of="input"`` feeds the layer's input instead of its output (the runner then
+    retains inputs; a store holds outputs only).
     """
 
     def __init__(
@@ -104,14 +109,26 @@ class StatConsumer:
         stat: Stat,
         layer: str,
         transform: Callable[[torch.Tensor], torch.Tensor] = flatten,
+        of: str = "output",
     ):
+        if of not in ("output", "input"):
+            raise ValueError(f"StatConsumer of= must be 'output' or 'input', got {of!r}")
         self.stat = stat
         self.layer = layer
         self.layers = (layer,)
         self.transform = transform
+        self.of = of
 
     def __call__(self, batch: Batch) -> None:
-        self.stat.update(self.transform(batch.acts[self.layer]))
+        if self.of == "input":
+            if self.layer not in batch.inputs:
+                raise ValueError(
+                    f"StatConsumer needs the input of layer {self.layer!r}, which this pass "
+                    "does not provide (inputs come from running the model, not from a store)"
+                )
+            self.stat.update(self.transform(batch.inputs[self.layer]))
+        else:
+            self.stat.update(self.transform(batch.acts[self.layer]))
 
     def state_dict(self) -> dict[str, Any]:
         return self.stat.state_dict()
@@ -599,6 +616,7 @@ def run(
     clone = len(layers) > 1 if clone is None else clone
     collate_fn = collate_fn or getattr(source, "collate", None)
     positions = np.arange(start, start + total)
+    retain_input = any(getattr(c, "of", "output") == "input" for c in consumers.values())
 
     def make_batches(first: int) -> Iterator[Batch]:
         subset = Subset(source, positions[first * batch_size :].tolist())
@@ -614,12 +632,15 @@ def run(
         with torch.no_grad():
             for number, data in enumerate(loader, start=first):
                 x = inputs(data)
-                with TraceDict(model, layers, stop=True, clone=clone, detach=True) as traces:
+                with TraceDict(
+                    model, layers, stop=True, clone=clone, detach=True, retain_input=retain_input
+                ) as traces:
                     model(x)
                 acts = {name: traces[name].output for name in layers}
+                layer_inputs = {n: traces[n].input for n in layers} if retain_input else {}
                 n = next(iter(acts.values())).shape[0]
                 pos = torch.as_tensor(positions[offset : offset + n])
-                yield Batch(acts, data, pos, offset, number)
+                yield Batch(acts, data, pos, offset, number, layer_inputs)
                 offset += n
 
     return _drive(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from nethook.layers import resolve_layer
@@ -261,3 +262,15 @@ def evaluate_edit(
         "specificity": recall(model, vocab, others),
         "same_subject": recall(model, vocab, same) if same else 1.0,
     }
+
+
+def key_text(vocab: Vocab, facts: list[Fact], random: int = 1280, seed: int = 1) -> TensorDataset:
+    """Text to collect key statistics on: random word sequences plus every fact prompt.
+
+    Sequences are 8 words long (prompts right-padded), as a ``TensorDataset`` of ids.
+    """
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(1, len(vocab), (random, 8), generator=g)
+    ids, _ = batch(vocab, [prompt(f, t) for f in facts for t in range(len(TEMPLATES[f.relation]))])
+    ids = nn.functional.pad(ids, (0, 8 - ids.shape[1]))
+    return TensorDataset(torch.cat([noise, ids]))

@@ -2,20 +2,25 @@
 
 The second moment ``C = E[k kᵀ]`` is what every insertion solves against. It is a
 :class:`~nethook.stats.moments.SecondMoment` of the layer's input (float64 sums,
-mergeable), so it can be split across workers and cached.
+mergeable), collected by the one runner, so it can be checkpointed, split across
+workers and cached.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset, TensorDataset
 
+from nethook.hashing import content_key, hash_model
 from nethook.layers import resolve_layer
 from nethook.rewrite.memory import LinearMemory
+from nethook.runner import StatConsumer, run
 from nethook.stats.moments import SecondMoment
+from nethook.stats.persist import cached
 from nethook.trace import Trace
 
 
@@ -37,29 +42,64 @@ def token_keys(
 def key_second_moment(
     model: nn.Module,
     layer: str,
-    batches: Iterable,
-    forward: Callable[[nn.Module, object], object] | None = None,
+    source: Dataset,
+    *,
+    samples: int | None = None,
+    batch_size: int = 32,
+    cache: str | os.PathLike | None = None,
+    seed: int = 0,
     progress: bool = True,
+    **run_options: Any,
 ) -> SecondMoment:
-    """Accumulate ``E[k kᵀ]`` of ``layer``'s keys over every location of every batch.
+    """Accumulate ``E[k kᵀ]`` of ``layer``'s keys over every location of ``source``.
 
-    ``batches`` yields model inputs (``forward(model, batch)`` runs one; default
-    ``model(batch)``). Conv keys are the input feature vectors at every spatial
-    location; sequence keys every token. The forward pass stops after the layer.
+    Runs the model with :func:`nethook.runner.run` (the forward pass stops at the
+    layer; ``run_options`` such as ``checkpoint`` or ``device`` pass through). Conv
+    keys are the input feature vectors at every spatial location, sequence keys every
+    token. With ``cache`` (a ``.npz`` or ``.zarr`` path) the result is saved under a
+    content key of the model's weights, the layer, the source's fingerprint, the
+    sample count and the seed, and reused only when all of them match.
     """
     memory = LinearMemory(resolve_layer(model, layer))
-    forward = forward or (lambda m, b: m(b))
-    stat = SecondMoment()
-    for batch in tqdm(batches, desc=f"keys of {layer}", disable=not progress):
-        with (
-            torch.no_grad(),
-            Trace(model, layer, retain_input=True, retain_output=False, stop=True) as t,
-        ):
-            forward(model, batch)
-        stat.update(memory.keys(t.input))
-    if stat.count == 0:
-        raise ValueError("no batches were given: cannot estimate the key second moment")
-    return stat
+
+    def compute() -> SecondMoment:
+        consumer = StatConsumer(SecondMoment(), layer, transform=memory.keys, of="input")
+        run(
+            model,
+            source,
+            [consumer],
+            samples=samples,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            desc=f"keys of {layer}",
+            **run_options,
+        )
+        return consumer.stat
+
+    if cache is None:
+        return compute()
+    key = content_key(
+        kind="key_second_moment",
+        model=hash_model(model),
+        layer=layer,
+        source=_fingerprint(source),
+        samples=len(source) if samples is None else int(samples),
+        dtype="float64",
+        seed=seed,
+    )
+    return cached(cache, key, compute)
+
+
+def _fingerprint(source: Dataset) -> str:
+    if hasattr(source, "fingerprint"):
+        return str(source.fingerprint())
+    if isinstance(source, TensorDataset):
+        return content_key(tensors=list(source.tensors))
+    raise ValueError(
+        f"cannot cache key statistics of a {type(source).__name__}: it has no fingerprint(); "
+        "give the source a fingerprint() method or pass cache=None"
+    )
 
 
 def optimize_value(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from nethook.rewrite import LinearMemory, insert
 from nethook.rewrite.keys import key_second_moment
@@ -25,8 +26,7 @@ def setup():
     images = (torch.stack([it["image"] for it in items]) - mean) / std
     objects = torch.stack([it["labels"]["object"][0] for it in items])
     model = scene_cnn()
-    batches = list(images[:64].split(16))
-    C = key_second_moment(model, LAYER, batches, progress=False).moment()
+    C = key_second_moment(model, LAYER, TensorDataset(images[:64]), progress=False).moment()
     with torch.no_grad(), Trace(model, LAYER, retain_input=True, stop=True) as t:
         model(images)
     keys = t.input  # [N, 32, 16, 16]

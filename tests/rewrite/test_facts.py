@@ -16,10 +16,7 @@ def world():
     torch.manual_seed(0)
     facts = fw.make_facts(0)
     model, vocab = fw.train_tiny_lm(facts, seed=0)
-    g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(1, len(vocab), (64, 8), generator=g) for _ in range(20)]
-    batches.append(fw.batch(vocab, [fw.prompt(f, t) for f in facts for t in range(4)])[0])
-    C = key_second_moment(model, LAYER, batches, progress=False).moment()
+    C = key_second_moment(model, LAYER, fw.key_text(vocab, facts), progress=False).moment()
     return model, vocab, facts, C
 
 
