@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from nethook.fsd import class_fractions, class_table, segment_statistics, stat_distance
 from nethook.gan.data import render
-from nethook.gan.fsd import class_shares, frechet_distance, segment_statistics
 from nethook.gan.generator import WEIGHTS, sample_z, scene_gan
 
 
@@ -33,24 +33,22 @@ def evaluate(weights: Path, n: int = 1000, batch: int = 100) -> dict:
     real_a = render(n, 32, 1000, progress=False)["image"].float() / 255
     real_b = render(n, 32, 2000, progress=False)["image"].float() / 255
     split = lambda x: [x[i : i + batch] for i in range(0, len(x), batch)]  # noqa: E731
+    table = class_table(seg)
+    ids, names = table["id"].tolist(), table["name"].tolist()
     stats = {
-        "fake": segment_statistics(seg, fake),
-        "real": segment_statistics(seg, split(real_a)),
-        "real2": segment_statistics(seg, split(real_b)),
+        "fake": segment_statistics(seg, fake, ids),
+        "real": segment_statistics(seg, split(real_a), ids),
+        "real2": segment_statistics(seg, split(real_b), ids),
     }
 
     def dist(a: str, b: str) -> float:
-        sa, sb = stats[a], stats[b]
-        return frechet_distance(
-            sa.mean().numpy(), sa.covariance().numpy(), sb.mean().numpy(), sb.covariance().numpy()
-        )
+        return stat_distance(stats[a], stats[b])
 
-    names = seg.concepts().query("category == 'object'")["name"].tolist()
     shares = {
         "generated": dict(
-            zip(names, class_shares(seg, torch.cat(fake)).mean(0).tolist(), strict=True)
+            zip(names, class_fractions(seg, torch.cat(fake), ids).mean(0).tolist(), strict=True)
         ),
-        "real": dict(zip(names, class_shares(seg, real_a).mean(0).tolist(), strict=True)),
+        "real": dict(zip(names, class_fractions(seg, real_a, ids).mean(0).tolist(), strict=True)),
     }
     return {
         "samples": n,

@@ -7,17 +7,6 @@ import pytest
 import torch
 from gan_planted import scenes_seg
 
-from nethook.gan.fsd import frechet_distance
-
-
-def test_frechet_distance_of_gaussians_matches_closed_form():
-    # diagonal covariances commute: |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    mu1, mu2 = np.array([0.0, 1.0]), np.array([1.0, 3.0])
-    a, b = np.array([4.0, 1.0]), np.array([1.0, 9.0])
-    expected = 1 + 4 + (2 - 1) ** 2 + (1 - 3) ** 2
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected)
-    assert frechet_distance(mu1, np.diag(a), mu1, np.diag(a)) == pytest.approx(0, abs=1e-9)
-
 
 def test_generator_is_deterministic_per_sample_and_in_range():
     from nethook.gan.generator import Generator, sample_z
