@@ -42,6 +42,7 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
+from nethook.atomic import atomic_path
 from nethook.gandissect import check_feature_map, generate, resolve_concepts, sample_z
 from nethook.interventions import Ablate, Replace
 from nethook.sources import Segmenter
@@ -503,19 +504,9 @@ def context_test(
 
 def _atomic_png(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename to ``path`` (complete or absent)."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    with atomic_path(path, suffix=".png") as tmp:
+        write(str(tmp))
+    return Path(path)
 
 
 def save_grid(before: torch.Tensor, after: torch.Tensor, path: str | Path, scale: int = 2) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from nethook.atomic import atomic_path, write_text
 from nethook.stats.moments import Covariance
 
 PERCENT2 = 1e4  # shares -> shares in percent, squared (the thesis's scale)
@@ -389,27 +389,11 @@ def _short(ds: xr.Dataset) -> str:
 def _save_fig(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
     return path
 
 
@@ -455,14 +439,10 @@ def write_fsd_report(ds: xr.Dataset, out: str | os.PathLike) -> Path:
 
 def save_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Save an FSD dataset as netCDF atomically (``dropped`` stored as int8)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".nc")
-    os.close(fd)
     out = ds.assign(dropped=ds["dropped"].astype("int8"))
-    out.to_netcdf(tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, suffix=".nc") as tmp:
+        out.to_netcdf(tmp)
+    return Path(path)
 
 
 def load_dataset(path: str | os.PathLike) -> xr.Dataset:

@@ -23,7 +23,6 @@ The generator is a chain of stages ``G = g_N(...g_1(z))`` (the children of an
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
+
+from nethook.atomic import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -203,15 +204,8 @@ def _shapes(chain: Chain) -> list[tuple[int, ...]]:
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".pt") as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load(path: Path, key: str) -> dict[str, Any] | None:
@@ -634,10 +628,8 @@ def omission_page(
     img = Image.fromarray(grid).resize(
         (grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST
     )
-    fd, tmp = tempfile.mkstemp(dir=out / "img", prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    img.save(tmp)
-    os.replace(tmp, out / "img" / "omissions.png")
+    with atomic_path(out / "img" / "omissions.png", suffix=".png") as tmp:
+        img.save(tmp)
     columns = "real | reconstruction"
     if segmenter is not None:
         columns += " | segmentation of real | segmentation of reconstruction"

@@ -133,12 +133,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _save(obj: dict, path: Path) -> None:
-    import os
-    import tempfile
-
     import torch
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from nethook.atomic import atomic_path
+
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(obj, tmp)

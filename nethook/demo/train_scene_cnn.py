@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from nethook.atomic import atomic_path
 from nethook.demo.scene_cnn import INPUT_SIZE, SCENES, WEIGHTS, build
 
 
@@ -133,14 +132,9 @@ def save(model: torch.nn.Module, path: Path) -> None:
     """Write the weights as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

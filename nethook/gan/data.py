@@ -8,11 +8,12 @@ once and cached (uint8, atomically written) under ``$NETHOOK_CACHE`` (default
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from nethook.atomic import atomic_path
 
 #: Dense categories the segmentation net predicts, in head order.
 CATEGORIES = ("object", "part", "material")
@@ -65,25 +66,11 @@ def render(n: int, size: int, seed: int, progress: bool = True) -> dict[str, tor
         for cat in CATEGORIES:
             ids = item["labels"][cat][0]
             out[cat][i] = torch.where(ids > 0, ids - first[cat] + 1, 0).to(torch.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(out, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    save_atomic(out, path)
     return out
 
 
 def save_atomic(obj: object, path: Path) -> None:
     """``torch.save`` to a temporary name beside ``path``, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

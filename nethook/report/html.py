@@ -8,8 +8,6 @@ the unit table. Every label and name goes through Jinja's autoescaping.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import pandas as pd
 import xarray as xr
 from tqdm.auto import tqdm
 
-from nethook.dissect import publish, summary_table, unique_detectors
+from nethook.atomic import write_text
+from nethook.dissect import summary_table, unique_detectors
 from nethook.report import plots
 
 _ENV = jinja2.Environment(
@@ -36,17 +35,6 @@ def _categories(results: Mapping[str, xr.Dataset]) -> list[str]:
             if cat not in cats:
                 cats.append(cat)
     return cats
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(
@@ -124,9 +112,9 @@ def write_report(
     payload = {"summary": summary.to_dict(orient="records")}
     if rotation is not None:
         payload["rotation"] = rotation.to_dict(orient="records")
-    _write_text(out / "summary.json", json.dumps(payload, indent=1, default=str))
+    write_text(out / "summary.json", json.dumps(payload, indent=1, default=str))
     index = out / "index.html"
-    _write_text(index, html)
+    write_text(index, html)
     return index
 
 

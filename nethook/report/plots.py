@@ -6,8 +6,6 @@ atomically and returns its path.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nethook.dissect import publish  # noqa: E402
+from nethook.atomic import atomic_path
 
 PALETTE = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
 MASK_EDGE = np.array([255, 214, 0], dtype=np.uint8)
@@ -31,14 +29,11 @@ def category_colors(categories: Sequence[str]) -> dict[str, str]:
 
 
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=96, bbox_inches="tight")
-        publish(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=96, bbox_inches="tight")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -119,11 +114,6 @@ def unit_strip(images: np.ndarray, masks: np.ndarray, path: Path, gap: int = 2) 
     strip = np.full((h, k * w + (k - 1) * gap, 3), 255, dtype=np.uint8)
     for i in range(k):
         strip[:, i * (w + gap) : i * (w + gap) + w] = overlay(images[i], masks[i])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(strip).save(tmp, format="PNG")
-        publish(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path

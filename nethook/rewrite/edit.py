@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from nethook.atomic import atomic_path
 from nethook.layers import resolve_layer as _module
 from nethook.rewrite.memory import LinearMemory
 
@@ -124,14 +124,8 @@ class Edit:
             "lam": self.lam.contiguous().cpu(),
             "directions": self.directions.contiguous().cpu(),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
