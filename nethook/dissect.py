@@ -366,7 +366,7 @@ def threshold_maps(
 def _greater_equal(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out[...] = a >= b`` (numpy kernels on CPU, several times faster than torch's)."""
     if a.device.type == "cpu" and a.dtype != torch.bfloat16:
-        np.greater_equal(a.numpy(), b.numpy(), out=out.numpy())
+        np.greater_equal(a.detach().numpy(), b.detach().numpy(), out=out.numpy())
     else:
         out.copy_(a >= b)
 
