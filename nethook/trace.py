@@ -352,9 +352,15 @@ class Trace(contextlib.AbstractContextManager):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def close(self) -> None:
-        """Remove the hooks this trace added (and only those); safe to call twice."""
+        """Remove the hooks this trace added (and only those); safe to call twice.
+
+        Also drops the link to a TraceDict's stop group, which points back at the
+        TraceDict: without that, every closed batch's retained tensors would wait for
+        Python's cycle collector, and memory would grow with the number of batches.
+        """
         while self._handles:
             self._handles.pop().remove()
+        self._stop_group = None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close()

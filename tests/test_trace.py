@@ -458,3 +458,22 @@ def test_bad_edit_output_is_refused_before_hooks():
     with pytest.raises(TypeError, match="edit_output must be callable, got int"):
         TraceDict(model, ["0", "1"], edit_output=5)
     assert zoo.hook_counts(model) == 0
+
+
+def test_closed_tracedict_frees_retained_tensors_without_the_cycle_collector():
+    """No reference cycle: a batch's retained outputs go as soon as the TraceDict does."""
+    import gc
+    import weakref
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with TraceDict(model, ["0", "1"], stop=True, clone=True) as traces:
+            model(torch.randn(2, 4))
+        kept = weakref.ref(traces["1"].output)
+        del traces
+        assert kept() is None
+    finally:
+        if enabled:
+            gc.enable()
