@@ -45,6 +45,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from nethook.atomic import write_text
 from nethook.rotation import Rotate
 from nethook.stats.base import flatten
 from nethook.stats.iou import IoU
@@ -149,25 +150,6 @@ def results_frame(results: Mapping[str, xr.Dataset]) -> pd.DataFrame:
     )
 
 
-def publish(tmp: str | Path, path: Path) -> None:
-    """Give a finished temporary file the usual permissions (0666 less umask), rename it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:
     """Turn object (string) variables into fixed-width unicode so Zarr v3 stores them."""
     out = ds.copy()
@@ -211,8 +193,8 @@ def save_results(results: Mapping[str, xr.Dataset], out: str | Path) -> Path:
     except BaseException:
         _rmtree(tmp)
         raise
-    _atomic_write_text(out / "results.json", json.dumps(results_json(results), indent=1))
-    _atomic_write_text(out / "results.csv", results_frame(results).to_csv(index=False))
+    write_text(out / "results.json", json.dumps(results_json(results), indent=1))
+    write_text(out / "results.csv", results_frame(results).to_csv(index=False))
     return store
 
 
