@@ -130,7 +130,7 @@ class Intervention:
                 raise ValueError(f"units must be channel indices >= 0, got {self.units!r}")
             self.units = units
         if self.mask is not None:
-            mask = torch.as_tensor(self.mask, dtype=torch.float32)
+            mask = torch.as_tensor(self.mask, dtype=torch.float64)
             if mask.numel() and (mask.min() < 0 or mask.max() > 1):
                 raise ValueError("mask values must lie in [0, 1]")
             self.mask = mask.tolist()

@@ -6,6 +6,8 @@ objects, parts, materials, colors, scenes, starting at 1 (0 = none).
 
 from __future__ import annotations
 
+from nethook_plugins.colors import COLOR_TERMS
+
 OBJECTS: tuple[str, ...] = (
     "sky",
     "grass",
@@ -55,20 +57,8 @@ PARTS: tuple[str, ...] = tuple(PART_OWNERS)
 
 MATERIALS: tuple[str, ...] = ("brick", "wood", "stripes", "dots", "checker", "ripple")
 
-#: The 11 basic color terms, as in Broden's color category.
-COLORS: tuple[str, ...] = (
-    "black",
-    "blue",
-    "brown",
-    "grey",
-    "green",
-    "orange",
-    "pink",
-    "purple",
-    "red",
-    "white",
-    "yellow",
-)
+#: The 11 basic color terms, as in Broden's color category (the colors segmenter's).
+COLORS: tuple[str, ...] = COLOR_TERMS
 
 SCENES: tuple[str, ...] = ("street", "farm", "beach", "forest", "park", "kitchen")
 
