@@ -140,3 +140,20 @@ def test_optimize_and_pgd_reach_the_target_through_a_nonlinearity():
         out = torch.sigmoid(model[0].weight @ k)
         assert torch.allclose(out, target, atol=2e-2), method
         edit.revert(model)
+
+
+def test_keys_at_mask_locations_resized_to_the_layer_grid_and_weighted():
+    layer = nn.Conv2d(3, 2, 1)
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[1, 2:, :2] = True  # the bottom-left quarter of image 1 = grid cell (1, 0)
+    keys = LinearMemory(layer).keys(x, where=mask)
+    assert torch.equal(keys, x[1, :, 1, 0][None])
+    weights = torch.zeros(2, 2, 2)
+    weights[0, 0, 1] = 0.5
+    weighted = LinearMemory(layer).keys(x, where=weights)
+    assert torch.equal(weighted, 0.5 * x[0, :, 0, 1][None])
+    tokens = LinearMemory(nn.Linear(3, 2)).keys(torch.randn(2, 4, 3), where=torch.eye(2, 4).bool())
+    assert tokens.shape == (2, 3)
+    with pytest.raises(ValueError, match="location mask has 3 entries for 8"):
+        LinearMemory(nn.Linear(3, 2)).keys(torch.randn(2, 4, 3), where=torch.ones(3).bool())
