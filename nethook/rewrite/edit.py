@@ -9,7 +9,6 @@ in any order, and reverting the last one restores the weight bit for bit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from nethook.atomic import atomic_path
+from nethook.hashing import content_key
 from nethook.layers import resolve_layer as _module
 from nethook.rewrite.memory import LinearMemory
 
@@ -26,12 +26,9 @@ FORMAT_VERSION = 1
 _LEDGER = "_nethook_edit_ledger"
 
 
-def hash_tensor(t: torch.Tensor) -> str:
-    """Content hash of a tensor's dtype, shape and bytes."""
-    t = t.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:32]
+def weights_hash(module: nn.Module) -> str:
+    """Content hash of a layer's weight: what an edit was computed for."""
+    return content_key(weight=module.weight)
 
 
 @dataclass
@@ -56,7 +53,7 @@ class Edit:
     @property
     def key(self) -> str:
         """Content hash identifying this edit."""
-        return hash_tensor(torch.cat([self.lam.flatten(), self.directions.flatten()]))
+        return content_key(lam=self.lam, directions=self.directions)
 
     def delta(self, model: nn.Module) -> torch.Tensor:
         """The change in the weight's own layout (``Λ Dᵀ`` mapped back)."""
@@ -80,7 +77,7 @@ class Edit:
         """Apply to ``model`` in place; refuses weights other than those it was made for."""
         module = _module(model, self.layer)
         ledger = getattr(module, _LEDGER, None)
-        current = hash_tensor(module.weight)
+        current = weights_hash(module)
         allowed = {current} if ledger is None else {current, ledger["base_hash"]}
         if self.base_hash not in allowed:
             raise ValueError(

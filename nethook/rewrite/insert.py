@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from nethook.layers import resolve_layer
 from nethook.rewrite import linalg
-from nethook.rewrite.edit import Edit, _module, hash_tensor
+from nethook.rewrite.edit import Edit, weights_hash
 from nethook.rewrite.memory import LinearMemory
 
 METHODS = ("closed_form", "least_squares", "optimize", "pgd")
@@ -51,7 +52,7 @@ def insert(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    memory = LinearMemory(_module(model, layer))
+    memory = LinearMemory(resolve_layer(model, layer))
     W0 = memory.matrix().to(torch.float64)
     m, n = W0.shape
     nonlinear = method in ("optimize", "pgd")
@@ -60,7 +61,7 @@ def insert(
     if keys.shape[0] != values.shape[0]:
         raise ValueError(f"got {keys.shape[0]} keys but {values.shape[0]} values")
     C = C.to(W0.device, torch.float64)
-    linalg._check_square(C, n)
+    linalg.check_square(C, n)
 
     if method == "least_squares":
         directions = linalg.solve_psd(weight * C + keys.T @ keys, keys.T, ridge)
@@ -79,7 +80,7 @@ def insert(
         layer=layer,
         lam=lam.to(torch.float32),
         directions=directions.to(torch.float32),
-        base_hash=hash_tensor(memory.module.weight),
+        base_hash=weights_hash(memory.module),
         info={"method": method, "rank": int(directions.shape[1]), "keys": int(keys.shape[0])},
     )
 

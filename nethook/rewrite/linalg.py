@@ -16,7 +16,8 @@ class NotPositiveDefiniteError(ValueError):
     """Raised when the key second moment ``C`` cannot be factored."""
 
 
-def _check_square(C: torch.Tensor, n: int, name: str = "C") -> None:
+def check_square(C: torch.Tensor, n: int, name: str = "C") -> None:
+    """Raise unless ``C`` is ``[n, n]``, naming both sizes."""
     if C.ndim != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"{name} must be a square [n, n] matrix, got shape {tuple(C.shape)}")
     if C.shape[0] != n:
@@ -42,7 +43,7 @@ def cholesky(C: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
 
 def solve_psd(C: torch.Tensor, B: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     """Solve ``(C + ridge·I) X = B`` for symmetric positive definite ``C`` (B: ``[n]`` or ``[n, s]``)."""
-    _check_square(C, B.shape[0])
+    check_square(C, B.shape[0])
     L = cholesky(C, ridge)
     vector = B.ndim == 1
     X = torch.cholesky_solve(B[:, None] if vector else B, L)
@@ -105,7 +106,7 @@ def least_squares_update(
     ``keys [t, n]``, ``values [t, m]``; returns ``ΔW [m, n]``.
     """
     _check_kv(W0, keys, values)
-    _check_square(C, W0.shape[1])
+    check_square(C, W0.shape[1])
     residual = values - keys @ W0.T  # [t, m]
     A = weight * C + keys.T @ keys
     return solve_psd(A, keys.T @ residual).T
@@ -123,7 +124,7 @@ def context_directions(
     if context_keys.ndim != 2:
         raise ValueError(f"context keys must be [t, n], got shape {tuple(context_keys.shape)}")
     n = context_keys.shape[1]
-    _check_square(C, n)
+    check_square(C, n)
     if not 1 <= rank <= n:
         raise ValueError(f"rank must be between 1 and {n}, got {rank}")
     if ridge:

@@ -22,19 +22,14 @@ class LinearMemory:
         self.module = module
         self.kind = memory_kind(module)
         w = module.weight
-        if self.kind == "conv2d":
+        if self.kind in ("conv2d", "conv_transpose2d"):
             if module.groups != 1:
                 raise ValueError(
-                    f"grouped Conv2d (groups={module.groups}) is not a single linear map"
+                    f"grouped {type(module).__name__} (groups={module.groups}) is not a "
+                    "single linear map"
                 )
-            out, inp, kh, kw = w.shape
-            self.shape = (out * kh * kw, inp)
-        elif self.kind == "conv_transpose2d":
-            if module.groups != 1:
-                raise ValueError(
-                    f"grouped ConvTranspose2d (groups={module.groups}) is not a single linear map"
-                )
-            inp, out, kh, kw = w.shape
+            out, inp = module.out_channels, module.in_channels
+            kh, kw = w.shape[-2:]
             self.shape = (out * kh * kw, inp)
         elif self.kind == "conv1d_transposed":
             self.shape = (w.shape[1], w.shape[0])
