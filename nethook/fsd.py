@@ -27,6 +27,8 @@ import pandas as pd
 import scipy.linalg
 import torch
 import xarray as xr
+from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from nethook.atomic import atomic_path, write_text
@@ -160,12 +162,134 @@ def segment_statistics(
     desc: str = "segment",
     total: int | None = None,
 ) -> Covariance:
-    """Mean and covariance of the class-share vectors of image batches ``[B, 3, H, W]``."""
+    """Mean and covariance of the class-share vectors of image batches ``[B, 3, H, W]``.
+
+    For batches already in memory; :func:`share_statistics` runs a source through
+    the runner (locally or on Dask) instead.
+    """
     stat = Covariance(dtype=torch.float64)
     with torch.no_grad():
         for images in tqdm(batches, desc=desc, total=total, disable=not progress):
             stat.update(class_fractions(segmenter, images, ids, category).cpu())
     return stat
+
+
+class ClassShares(nn.Module):
+    """Images ``[B, 3, H, W]`` in [0, 1] -> ``[B, K]`` pixel shares of classes ``ids``.
+
+    A module so the runner can trace it (layer ``shares`` of :class:`ShareModel`).
+    """
+
+    def __init__(self, segmenter: Any, ids: Sequence[int], category: str = "object") -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.ids = [int(i) for i in ids]
+        self.category = category
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return class_fractions(self.segmenter, images, self.ids, self.category)
+
+
+class ShareModel(nn.Module):
+    """What the runner runs for FSD: images, or latents through ``generator``, -> class shares.
+
+    With a ``generator`` the input is ``z [B, Z]`` and the images are
+    ``generator(z).clamp(0, 1)``; without, the input is the images. The shares are
+    the output of the submodule ``shares`` (:class:`ClassShares`). ``device`` places
+    a model without a generator (the runner moves each batch to the model's device).
+    """
+
+    def __init__(
+        self,
+        segmenter: Any,
+        ids: Sequence[int],
+        category: str = "object",
+        generator: nn.Module | None = None,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.generator = generator
+        self.shares = ClassShares(segmenter, ids, category)
+        if device is None and generator is not None:
+            device = next(generator.parameters()).device
+        self.register_buffer("anchor", torch.zeros(0, device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = self.generator(x).clamp(0, 1) if self.generator is not None else x
+        return self.shares(images)
+
+
+class LatentSource(Dataset):
+    """The latents ``z [n, z_dim]`` :func:`generated_batches` draws: standard normal from ``seed``."""
+
+    def __init__(self, n: int, z_dim: int, seed: int = 0) -> None:
+        self.z = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.z[i]
+
+
+class ImageItems(Dataset):
+    """The images of ``source`` (a ConceptSource, an ``(image, label)`` or image dataset), bare.
+
+    Segmenters take images in [0, 1]; the runner would normalize a concept
+    source's images for a classifier, so FSD runs this view of the source.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.source[i]
+        if isinstance(item, dict):
+            return item["image"]
+        return item[0] if isinstance(item, list | tuple) else item
+
+
+def share_statistics(
+    model: ShareModel,
+    source: Dataset,
+    samples: int,
+    *,
+    start: int = 0,
+    batch_size: int = 100,
+    shard_samples: int | None = None,
+    client: Any = None,
+    progress: bool = False,
+    desc: str = "segment",
+) -> Covariance:
+    """Mean and covariance of ``model``'s share vectors over ``source[start : start + samples]``.
+
+    The runner feeds the traced ``shares`` output of each batch into a
+    :class:`Covariance` stat, shard by shard (``shard_samples``, default 8
+    batches), and the shards' stats merge in :mod:`nethook.scale`'s fixed tree:
+    here with ``client=None``, on a Dask cluster with a ``distributed.Client`` or
+    a scheduler address. Both give the same bits.
+    """
+    from nethook.runner import StatConsumer
+    from nethook.scale import tally_source
+
+    consumers = {"shares": StatConsumer(Covariance(dtype=torch.float64), "shares")}
+    out = tally_source(
+        model,
+        source,
+        consumers,
+        client=client,
+        samples=samples,
+        start=start,
+        batch_size=batch_size,
+        shard_samples=shard_samples,
+        progress=progress,
+        desc=desc,
+    )
+    return out["shares"].stat
 
 
 def generated_batches(
@@ -255,6 +379,8 @@ def measure_fsd(
     seed: int = 0,
     generated_segmenter: Any | None = None,
     cache_dir: str | os.PathLike | None = None,
+    client: Any = None,
+    shard_samples: int | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
     """FSD of ``generator`` against ``source`` with its noise floor (:func:`fsd_dataset`).
@@ -262,9 +388,12 @@ def measure_fsd(
     Uses ``samples`` generated images and ``2 * samples`` real ones: the first
     half is the reference, the second the disjoint sample for the floor. Real and
     generated images are segmented by ``segmenter`` (or generated ones by
-    ``generated_segmenter``, whose label set must then be the same). With
-    ``cache_dir`` each side's statistics are cached under a content key of the
-    models, source, segmenter and settings.
+    ``generated_segmenter``, whose label set must then be the same). Each side's
+    statistics are gathered by :func:`share_statistics` (the runner, shard by
+    shard; on a Dask cluster when ``client`` is a ``distributed.Client`` or a
+    scheduler address, with the same result). With ``cache_dir`` each side's
+    statistics are cached under a content key of the models, source, segmenter
+    and settings.
     """
     if samples < 2:
         raise ValueError(f"samples must be >= 2 for a covariance, got {samples}")
@@ -273,24 +402,29 @@ def measure_fsd(
             f"real source has {len(source)} images; FSD with its noise floor needs "
             f"2 * samples = {2 * samples} (two disjoint real samples of {samples})"
         )
+    z_dim = getattr(generator, "z_dim", None)
+    if z_dim is None:
+        raise ValueError("generator has no z_dim attribute (the size of the z it takes)")
     gen_seg = generated_segmenter or segmenter
     table = class_table(segmenter, category)
     check_label_sets(class_table(gen_seg, category)["name"].tolist(), table["name"].tolist())
-    ids = table["id"].tolist()
     gen_table = class_table(gen_seg, category).set_index("name")
     gen_ids = [int(gen_table.loc[name, "id"]) for name in table["name"]]
     device = next(generator.parameters()).device
-    nb = -(-samples // batch_size)
+    options = {"batch_size": batch_size, "shard_samples": shard_samples, "client": client,
+               "progress": progress}  # fmt: skip
+    real_model = ShareModel(segmenter, table["id"].tolist(), category, device=device)
+    real_items = ImageItems(source)
 
     def gen_stat() -> Covariance:
-        images = generated_batches(generator, samples, batch_size, seed)
-        return segment_statistics(gen_seg, images, gen_ids, category, progress, "generated", nb)
+        model = ShareModel(gen_seg, gen_ids, category, generator=generator)
+        latents = LatentSource(samples, z_dim, seed)
+        return share_statistics(model, latents, samples, desc="generated", **options)
 
     def real_stat(first: int) -> Callable[[], Covariance]:
         def compute() -> Covariance:
-            idx = list(range(first, first + samples))
-            images = real_batches(source, idx, batch_size, device)
-            return segment_statistics(segmenter, images, ids, category, progress, "real", nb)
+            return share_statistics(real_model, real_items, samples, start=first, desc="real",
+                                    **options)  # fmt: skip
 
         return compute
 

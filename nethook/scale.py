@@ -205,13 +205,14 @@ def tally_source(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    desc: str = "tally shards",
 ) -> Consumers:
     """Run the model over shards of the source (one task per shard) and merge the stats.
 
     ``model`` and ``source`` are specs (built on each worker with
     :func:`nethook.load_model` / :func:`nethook.plugins.get_source`) or objects (shipped
     to the workers). Shards hold ``shard_samples`` samples (default: 8 batches),
-    rounded to whole batches.
+    rounded to whole batches. ``desc`` labels the progress bar (one step per shard).
     """
     stats = _check_stat_consumers(stats)
     total = samples if samples is not None else len(_build_source(source)) - start
@@ -220,7 +221,7 @@ def tally_source(
         (model, weights, source, stats, a, min(shard, start + total - a), batch_size, device, seed)
         for a in range(start, start + total, shard)
     ]
-    return _reduce(tasks, _tally_shard, client, progress, "tally shards")
+    return _reduce(tasks, _tally_shard, client, progress, desc)
 
 
 def _tally_shard(

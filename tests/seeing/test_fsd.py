@@ -213,3 +213,79 @@ def test_sharded_statistics_merge_to_the_whole():
     torch.testing.assert_close(a.mean(), whole.mean())
     torch.testing.assert_close(a.covariance(), whole.covariance())
     np.testing.assert_allclose(whole.mean().numpy(), true_shares(src.widths).mean(0))
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A dask LocalCluster of 2 forked worker processes (fork: no fresh interpreters to start)."""
+    pytest.importorskip("distributed")
+    import dask
+    from distributed import Client, LocalCluster
+
+    with (
+        dask.config.set({"distributed.worker.multiprocessing-method": "fork"}),
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                     dashboard_address=None, memory_limit="2GiB") as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        yield client
+
+
+def test_dask_statistics_equal_local_exactly(client):
+    """The same shards segmented on 2 Dask workers give bit-identical stats and FSD."""
+    gen, src, seg = StripeGenerator(), StripeSource(60, seed=3), ColorSegmenter()
+    local = measure_fsd(gen, src, seg, 30, batch_size=4, shard_samples=8, seed=2, progress=False)
+    remote = measure_fsd(gen, src, seg, 30, batch_size=4, shard_samples=8, seed=2,
+                         client=client, progress=False)  # fmt: skip
+    for name in ("mean_generated", "mean_real", "cov_generated", "cov_real"):
+        np.testing.assert_array_equal(remote[name].values, local[name].values)
+    assert remote.attrs["fsd"] == local.attrs["fsd"]
+    assert remote.attrs["fsd_floor"] == local.attrs["fsd_floor"]
+    r = true_shares(src.widths[:30])
+    np.testing.assert_allclose(local["cov_real"].values, np.cov(r.T), atol=1e-12)
+
+
+def test_share_statistics_go_through_the_runner(monkeypatch):
+    """Every batch of both sides passes through nethook.runner.run (traced `shares` output)."""
+    import nethook.runner
+    import nethook.scale
+
+    calls = []
+    real_run = nethook.runner.run
+
+    def spy(model, source, consumers, **kw):
+        calls.append((type(source).__name__, kw["start"], kw["samples"]))
+        return real_run(model, source, consumers, **kw)
+
+    monkeypatch.setattr(nethook.scale, "run", spy)
+    measure_fsd(StripeGenerator(), StripeSource(40), ColorSegmenter(), 20, batch_size=5,
+                shard_samples=10, progress=False)  # fmt: skip
+    assert sorted(calls) == sorted(
+        [("LatentSource", 0, 10), ("LatentSource", 10, 10), ("ImageItems", 0, 10),
+         ("ImageItems", 10, 10), ("ImageItems", 20, 10), ("ImageItems", 30, 10)]
+    )  # fmt: skip
+
+
+def _cli(monkeypatch, argv):
+    from nethook.commands import fsd as command
+
+    monkeypatch.setattr("nethook.plugins.get_source", lambda spec: StripeSource(40, seed=1))
+    monkeypatch.setattr("nethook.plugins.get_segmenter", lambda spec: ColorSegmenter())
+    monkeypatch.setattr("nethook.models.load_model", lambda spec, weights=None: StripeGenerator())
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["fsd", "--real", "x", "--segmenter", "y", "--samples", "20",
+                              "--quiet", *argv])  # fmt: skip
+    return args.func(args)
+
+
+def test_cli_on_a_dask_scheduler_prints_the_local_figures(monkeypatch, capsys, client):
+    assert _cli(monkeypatch, []) == 0
+    local = capsys.readouterr().out
+    assert _cli(monkeypatch, ["--scheduler", client.scheduler.address]) == 0
+    assert capsys.readouterr().out == local
+
+
+def test_cli_refuses_zero_dask_workers(monkeypatch, capsys):
+    assert _cli(monkeypatch, ["--dask-workers", "0"]) == 2
+    assert "--dask-workers must be >= 1, got 0" in capsys.readouterr().err
