@@ -46,6 +46,7 @@ from nethook.stats.base import Stat, flatten
 from nethook.store import (
     ActivationStore,
     StoreError,
+    StoreMismatchError,
     check_identity,
     from_storage,
     read_identity,
@@ -162,6 +163,9 @@ class StoreWriter:
     source_fingerprint, seed); other options go to :meth:`ActivationStore.create`.
     The run's sample ``i`` is the store's sample ``offset + i``; a writer that feeds only
     part of the store (a shard, see :mod:`nethook.scale`) says how many with ``span``.
+    ``sample_data(batch)`` returns per-sample tensors ``[B, ...]`` by name (bool, integer
+    or float, e.g. a concept source's labels) recorded beside the activations in the
+    same blocks; :func:`run_store` hands them back as the batch's ``data``.
     """
 
     def __init__(
@@ -180,8 +184,10 @@ class StoreWriter:
         offset: int = 0,
         span: int | None = None,
         queue_size: int = 4,
+        sample_data: Callable[[Batch], Mapping[str, torch.Tensor]] | None = None,
     ):
         self.path = os.fspath(path)
+        self.sample_data = sample_data
         self.offset = int(offset)
         self.span = int(span) if span is not None else int(samples) - self.offset
         self.layers = (layers,) if isinstance(layers, str) else tuple(layers)
@@ -237,12 +243,25 @@ class StoreWriter:
     def __call__(self, batch: Batch) -> None:
         if self._error is not None:
             raise self._error
+        extra = {}
+        if self.sample_data is not None:
+            extra = {k: torch.as_tensor(v).detach() for k, v in self.sample_data(batch).items()}
         if self.store is None:
             shapes = {name: tuple(batch.acts[name].shape[1:]) for name in self.layers}
+            layout = {k: (tuple(v.shape[1:]), _numpy_dtype(v)) for k, v in extra.items()}
             self.store = ActivationStore.open_or_create(
-                self.path, layers=shapes, samples=self.samples, **self.options
+                self.path,
+                layers=shapes,
+                samples=self.samples,
+                sample_data=layout,
+                **self.options,
             )
             self._done_blocks = set(self.store.completed_blocks().tolist())
+        if set(extra) != set(self.store.sample_data):
+            raise StoreMismatchError(
+                f"store {self.path} holds sample data {sorted(self.store.sample_data)}, "
+                f"this run records {sorted(extra)}"
+            )
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="nethook-store-writer")
             self._thread.daemon = True
@@ -253,6 +272,8 @@ class StoreWriter:
             if t.device.type != "cpu":  # narrow on the device, move fewer bytes
                 t = t.to(getattr(torch, self.store.dtype)).cpu()
             acts[name] = t
+        for name, t in extra.items():
+            acts[name] = t.cpu()
         self._put((self.offset + batch.start, acts))
 
     def _put(self, item: Any) -> None:
@@ -289,7 +310,6 @@ class StoreWriter:
             self._stream(start, acts)
             return
         size = store.block_samples
-        stored = storage_dtype(store.dtype)
         n = next(iter(acts.values())).shape[0]
         pos = start
         while pos < start + n:
@@ -301,7 +321,7 @@ class StoreWriter:
                     if not self._free:  # fresh pages cost a fault each: recycle buffers
                         self._free.append(
                             {
-                                name: np.empty((size, *t.shape[1:]), stored)
+                                name: np.empty((size, *t.shape[1:]), store._field_layout(name)[1])
                                 for name, t in acts.items()
                             }
                         )
@@ -311,7 +331,8 @@ class StoreWriter:
                     self._filled[block] = 0
                 for name, t in acts.items():
                     dst = _as_tensor(
-                        self._buffers[block][name][pos - b_start :][:take], store.dtype
+                        self._buffers[block][name][pos - b_start :][:take],
+                        store.dtype if name in store.layers else None,
                     )
                     dst.copy_(t[pos - start : pos - start + take])
                 self._filled[block] += take
@@ -345,16 +366,24 @@ class StoreWriter:
     def _cast(self, name: str, piece: torch.Tensor) -> np.ndarray:
         """``piece`` in the storage dtype: a view when it already is, else cast into a
         reused scratch buffer (fresh memory would cost a page fault per page)."""
-        dtype = self.store.dtype
-        if piece.device.type == "cpu" and piece.dtype == getattr(torch, dtype):
-            return to_storage(piece, dtype)
+        store = self.store
+        if name not in store.layers:  # sample data: its own dtype
+            stored = store._field_layout(name)[1]
+            if piece.numpy().dtype == stored:
+                return piece.numpy()
+            dtype = None
+        else:
+            dtype = store.dtype
+            if piece.device.type == "cpu" and piece.dtype == getattr(torch, dtype):
+                return to_storage(piece, dtype)
+            stored = storage_dtype(dtype)
         scratch = self._scratch.get(name)
         if (
             scratch is None
             or scratch.shape[0] < piece.shape[0]
             or scratch.shape[1:] != piece.shape[1:]
         ):
-            scratch = np.empty(piece.shape, storage_dtype(dtype))
+            scratch = np.empty(piece.shape, stored)
             self._scratch[name] = scratch
         out = scratch[: piece.shape[0]]
         _as_tensor(out, dtype).copy_(piece)
@@ -384,8 +413,14 @@ class StoreWriter:
         self._thread = None
 
 
-def _as_tensor(buffer: np.ndarray, dtype: str) -> torch.Tensor:
-    """A torch view of a storage buffer, typed so ``copy_`` casts straight into it."""
+def _numpy_dtype(t: torch.Tensor) -> str:
+    """The numpy dtype name of a tensor's dtype (for sample data arrays)."""
+    return torch.empty(0, dtype=t.dtype).numpy().dtype.name
+
+
+def _as_tensor(buffer: np.ndarray, dtype: str | None) -> torch.Tensor:
+    """A torch view of a storage buffer, typed so ``copy_`` casts straight into it
+    (``dtype`` is the store's storage dtype, or None for a sample data buffer)."""
     if dtype == "bfloat16":
         return torch.from_numpy(buffer.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(buffer)
@@ -679,7 +714,9 @@ def run_store(
     Batches have the same positions as in :func:`run` with the same ``batch_size``;
     activations arrive as float32 tensors on ``device``. With ``source`` given, each
     batch's ``data`` holds that source's items for the same samples (e.g. labels for
-    dissection). Blocks are read (and their checksums verified) in a background thread.
+    dissection); without one, a store recorded with sample data gives those arrays
+    (``{name: tensor [B, ...]}`` on ``device``) as ``data``. Blocks are read (and their
+    checksums verified) in a background thread.
     """
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store)
@@ -697,9 +734,11 @@ def run_store(
         )
     total = store.samples
     sample_ids = store.sample_ids()
+    extras = list(store.sample_data) if source is None else []
+    fields = [*layers, *extras]
 
     def make_batches(first: int) -> Iterator[Batch]:
-        blocks = _prefetch(_read_blocks(store, layers, first * batch_size, verify))
+        blocks = _prefetch(_read_blocks(store, fields, first * batch_size, verify))
         labels = None
         if source is not None:
             subset = Subset(source, sample_ids[first * batch_size :].tolist())
@@ -712,18 +751,18 @@ def run_store(
                     collate_fn=collate_fn or getattr(source, "collate", None),
                 )
             )
-        pending: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+        pending: dict[str, list[np.ndarray]] = {name: [] for name in fields}
         have = 0
         offset = first * batch_size
         number = first
         for block in blocks:
-            for name in layers:
+            for name in fields:
                 pending[name].append(block[name])
             have += next(iter(block.values())).shape[0]
             while have >= batch_size or (have and offset + have == total):
                 n = min(batch_size, have)
                 acts = {}
-                for name in layers:
+                for name in fields:
                     joined = (
                         np.concatenate(pending[name])
                         if len(pending[name]) > 1
@@ -733,6 +772,8 @@ def run_store(
                     pending[name] = [joined[n:]] if n < joined.shape[0] else []
                 have -= n
                 data = next(labels) if labels is not None else None
+                if extras:
+                    data = {name: acts.pop(name) for name in extras}
                 pos = torch.as_tensor(sample_ids[offset : offset + n])
                 yield Batch(acts, data, pos, offset, number)
                 offset += n
@@ -755,14 +796,16 @@ def run_store(
 def _read_blocks(
     store: ActivationStore, layers: Sequence[str], first_sample: int, verify: bool
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yield float32 data of every layer from ``first_sample`` on, block by block."""
+    """Yield float32 data of every layer (sample data arrays as stored) from
+    ``first_sample`` on, block by block."""
     first_block = first_sample // store.block_samples
     for block in range(first_block, store.n_blocks):
         b_start, _ = store.block_range(block)
         out = {}
         for name in layers:
-            raw = store.read_block(name, block, verify=verify, decode=False)
-            values = from_storage(raw, store.dtype).astype(np.float32, copy=False)
+            values = store.read_block(name, block, verify=verify, decode=False)
+            if name in store.layers:
+                values = from_storage(values, store.dtype).astype(np.float32, copy=False)
             out[name] = values[max(0, first_sample - b_start) :]
         yield out
 

@@ -14,6 +14,10 @@ Layout of a store (a Zarr v3 group at any path zarr accepts, local or fsspec)::
                                outputs, (sample, token, unit) or (sample, unit) otherwise;
                                chunk files c.<block>.0.0.0 (no directory per block)
     layers/<layer>/unit        int64 [unit]: unit indices
+    sample_data/<name>         optional per-sample arrays recorded beside the activations
+                               (e.g. concept labels, thumbnails), any fixed numpy dtype,
+                               dims (sample, <name>_0, ...); same blocks, files and
+                               manifest (a CRC per array after the layers' CRCs)
 
 Samples are written in *blocks* (``block_samples`` consecutive samples, one zarr chunk,
 or one shard of smaller chunks when ``chunk_samples`` is given). A block is complete
@@ -79,6 +83,7 @@ IDENTITY_FIELDS = (
     "block_samples",
     "chunk_samples",
     "compressor",
+    "sample_data",
 )
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 # Chunk files named c.<block>.0.0.0 side by side: no directory per block to create (and
@@ -188,6 +193,7 @@ class ActivationStore:
         self._arrays: dict[str, zarr.Array] = {
             name: group[f"layers/{name}/activations"] for name in self.layers
         }
+        self._arrays.update({name: group[f"sample_data/{name}"] for name in self.sample_data})
 
     # ---- opening ---------------------------------------------------------------
 
@@ -228,6 +234,7 @@ class ActivationStore:
         compressor: str | None = None,
         attrs: Mapping[str, Any] | None = None,
         storage_options: dict | None = None,
+        sample_data: Mapping[str, tuple[Sequence[int], str]] | None = None,
     ) -> ActivationStore:
         """Create a new, empty store (refused if a store already exists at ``path``).
 
@@ -237,7 +244,10 @@ class ActivationStore:
         ``block_samples`` defaults to about 64 MiB of the largest layer per block, split
         so blocks are of equal size; with ``chunk_samples`` smaller than a block, blocks
         become shards of such chunks (for cheap random access to single samples). ``compressor`` is ``None`` (fastest: zarr
-        writing is CPU-bound), ``"zstd"`` or ``"blosc"``.
+        writing is CPU-bound), ``"zstd"`` or ``"blosc"``. ``sample_data`` maps names to
+        ``(per-sample shape, numpy dtype name)`` of arrays recorded beside the
+        activations, block by block (e.g. a concept source's labels, to replay them in a
+        second pass without the source).
         """
         path = _check_path(path)
         identity = cls._identity(
@@ -248,6 +258,7 @@ class ActivationStore:
             chunk_samples=chunk_samples,
             compressor=compressor,
             attrs=attrs or {},
+            sample_data=sample_data,
         )
         if sample_ids is None:
             sample_ids = np.arange(samples, dtype=np.int64)
@@ -309,6 +320,7 @@ class ActivationStore:
             chunk_samples=options.get("chunk_samples"),
             compressor=options.get("compressor"),
             attrs=options.get("attrs") or {},
+            sample_data=options.get("sample_data"),
         )
         have = dict(group.attrs["nethook"])
         check_identity(path, have, wanted, auto_block=options.get("block_samples") is None)
@@ -333,6 +345,7 @@ class ActivationStore:
         chunk_samples: int | None,
         compressor: str | None,
         attrs: Mapping[str, Any],
+        sample_data: Mapping[str, tuple[Sequence[int], str]] | None = None,
     ) -> dict[str, Any]:
         from nethook import __version__
 
@@ -346,6 +359,7 @@ class ActivationStore:
             dims_for(shape)
             if "/" in name or name.startswith("__"):
                 raise ValueError(f"layer name {name!r} cannot be a Zarr node name")
+        extra = _sample_data_spec(sample_data or {}, shapes)
         largest = max(int(np.prod(s)) for s in shapes.values()) * itemsize
         if block_samples is None:  # about DEFAULT_BLOCK_BYTES, blocks of equal size
             target = max(1, DEFAULT_BLOCK_BYTES // max(largest, 1))
@@ -379,6 +393,7 @@ class ActivationStore:
             "chunk_samples": chunk_samples,
             "compressor": compressor,
             "checksum": CHECKSUM,
+            **({"sample_data": extra} if extra else {}),
             **{k: v for k, v in attrs.items() if k not in IDENTITY_FIELDS},
         }
 
@@ -408,11 +423,12 @@ class ActivationStore:
                 overwrite=True,
             )
         group["sample"][:] = sample_ids  # idempotent: also repairs a killed creation
+        columns = 1 + len(identity["layers"]) + len(identity.get("sample_data") or {})
         if want("manifest"):
             group.create_array(
                 "manifest",
-                shape=(n_blocks, 1 + len(identity["layers"])),
-                chunks=(1, 1 + len(identity["layers"])),
+                shape=(n_blocks, columns),
+                chunks=(1, columns),
                 dtype="uint64",
                 fill_value=0,
                 dimension_names=["block", "field"],
@@ -452,6 +468,20 @@ class ActivationStore:
                     overwrite=True,
                 )
             group[f"layers/{name}/unit"][:] = np.arange(units)
+        for name, spec in (identity.get("sample_data") or {}).items():
+            if want(f"sample_data/{name}"):
+                shape = tuple(spec["shape"])
+                group.create_array(
+                    f"sample_data/{name}",
+                    shape=(n,) + shape,
+                    chunks=(block,) + shape,
+                    dtype=spec["dtype"],
+                    fill_value=0,
+                    compressors=None,
+                    dimension_names=["sample", *(f"{name}_{k}" for k in range(len(shape)))],
+                    chunk_key_encoding=FLAT_KEYS,
+                    overwrite=True,
+                )
 
     # ---- what the store holds --------------------------------------------------
 
@@ -459,6 +489,27 @@ class ActivationStore:
     def layers(self) -> list[str]:
         """Names of the stored layers, in recording order."""
         return list(self.identity["layers"])
+
+    @property
+    def sample_data(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per-sample data arrays recorded beside the activations: name -> (shape, dtype)."""
+        return {
+            name: (tuple(spec["shape"]), np.dtype(spec["dtype"]))
+            for name, spec in (self.identity.get("sample_data") or {}).items()
+        }
+
+    @property
+    def fields(self) -> list[str]:
+        """Everything a block holds: the layers, then the sample data arrays."""
+        return self.layers + list(self.sample_data)
+
+    def _field_layout(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """Per-sample shape and stored dtype of a layer or sample data array."""
+        if name in self.identity["shapes"]:
+            return tuple(self.identity["shapes"][name]), storage_dtype(self.dtype)
+        if name in self.sample_data:
+            return self.sample_data[name]
+        raise KeyError(f"{name!r} is not in store {self.path}; it holds {', '.join(self.fields)}")
 
     @property
     def samples(self) -> int:
@@ -549,16 +600,16 @@ class ActivationStore:
         """
         self._raise_background_error()
         start, stop = self.block_range(block)
-        stored = storage_dtype(self.dtype)
-        if set(data) != set(self.layers):
+        if set(data) != set(self.fields):
             raise ValueError(
-                f"write_block needs every layer of the store ({', '.join(self.layers)}), "
-                f"got {', '.join(data)}"
+                f"write_block needs every layer and sample data array of the store "
+                f"({', '.join(self.fields)}), got {', '.join(data)}"
             )
         arrays = []
-        for layer in self.layers:
+        for layer in self.fields:
             values = np.ascontiguousarray(data[layer])
-            expected = (stop - start, *self.identity["shapes"][layer])
+            shape, stored = self._field_layout(layer)
+            expected = (stop - start, *shape)
             if values.shape != expected or values.dtype != stored:
                 raise ValueError(
                     f"block {block} of layer {layer!r}: got {values.dtype}{list(values.shape)}, "
@@ -569,7 +620,7 @@ class ActivationStore:
         crcs = [pool.submit(self._checksum, values) for values in arrays]
         paths = []
         try:
-            for layer, values in zip(self.layers, arrays, strict=True):
+            for layer, values in zip(self.fields, arrays, strict=True):
                 paths.append(self._write_chunk(self._arrays[layer], block, values))
         except OSError as exc:
             raise _write_error(exc, self.path, f"write samples {start}..{stop - 1}") from exc
@@ -580,7 +631,7 @@ class ActivationStore:
     def can_stream(self) -> bool:
         """True when blocks can be written piece by piece (:meth:`stream_block`)."""
         return all(
-            self._direct_chunk_path(self._arrays[name], 0) is not None for name in self.layers
+            self._direct_chunk_path(self._arrays[name], 0) is not None for name in self.fields
         )
 
     def stream_block(self, block: int) -> BlockStream:
@@ -671,7 +722,7 @@ class ActivationStore:
     def invalidate(self, block: int) -> None:
         """Mark ``block`` incomplete, so the next recording run rewrites it."""
         self.block_range(block)
-        self._manifest[block : block + 1] = np.zeros((1, 1 + len(self.layers)), np.uint64)
+        self._manifest[block : block + 1] = np.zeros((1, 1 + len(self.fields)), np.uint64)
 
     # ---- reading ---------------------------------------------------------------
 
@@ -680,11 +731,12 @@ class ActivationStore:
     ) -> np.ndarray:
         """Return ``[block samples, *sample_shape]`` of ``layer``; refuse incomplete blocks.
 
-        With ``verify`` the data's checksum is compared with the manifest and a
+        ``layer`` may also name a sample data array (returned in its own dtype). With
+        ``verify`` the data's checksum is compared with the manifest and a
         :class:`CorruptBlockError` names the layer, block and sample range on mismatch.
         ``decode`` turns bfloat16 bits into float32.
         """
-        self._check_layer(layer)
+        shape, _ = self._field_layout(layer)
         start, stop = self.block_range(block)
         row = np.asarray(self._manifest[block])
         if row[0] != 1:
@@ -693,22 +745,38 @@ class ActivationStore:
                 "complete yet; finish the recording first"
             )
         try:
-            values = np.asarray(self._arrays[layer][start:stop])
+            values = self._read_chunk(self._arrays[layer], block, stop - start, shape)
         except Exception as exc:  # codec failure on damaged bytes
             raise CorruptBlockError(
                 self.path, layer, block, start, stop, f"cannot decode ({exc})"
             ) from exc
         if verify:
             crc = self._checksum(values)
-            if crc != int(row[1 + self.layers.index(layer)]):
+            if crc != int(row[1 + self.fields.index(layer)]):
                 raise CorruptBlockError(self.path, layer, block, start, stop, "checksum mismatch")
-        return from_storage(values, self.dtype) if decode else values
+        if decode and layer in self.identity["shapes"]:
+            return from_storage(values, self.dtype)
+        return values
+
+    def _read_chunk(
+        self, arr: zarr.Array, block: int, samples: int, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        """A block's data: straight from its file for plain local chunks, else via zarr."""
+        path = self._direct_chunk_path(arr, block)
+        if path is None or not path.exists():
+            start = block * self.block_samples
+            return np.asarray(arr[start : start + samples])
+        count = samples * int(np.prod(shape, dtype=np.int64))
+        values = np.fromfile(path, dtype=arr.dtype, count=count)
+        if values.size != count:
+            raise ValueError(f"chunk file {path.name} holds {values.size} values, expected {count}")
+        return values.reshape(samples, *shape)
 
     def verify(self, blocks: Iterable[int] | None = None) -> list[CorruptBlockError]:
         """Check every complete block (or ``blocks``); return the corrupt ones found."""
         problems = []
         for block in self.completed_blocks() if blocks is None else blocks:
-            for layer in self.layers:
+            for layer in self.fields:
                 try:
                     self.read_block(layer, int(block), decode=False)
                 except CorruptBlockError as exc:
@@ -813,6 +881,7 @@ class ActivationStore:
             "chunk_samples": self.identity.get("chunk_samples"),
             "compressor": self.identity.get("compressor"),
             "layers": layers,
+            **({"sample_data": self.identity["sample_data"]} if self.sample_data else {}),
         }
 
     # ---- durability (local disks) ------------------------------------------------
@@ -876,15 +945,14 @@ class BlockStream:
         self.samples = stop - start
         self._files: dict[str, Any] = {}
         self._tmp: dict[str, Path] = {}
-        self._crc = dict.fromkeys(store.layers, 0)
-        self._count = dict.fromkeys(store.layers, 0)
+        self._crc = dict.fromkeys(store.fields, 0)
+        self._count = dict.fromkeys(store.fields, 0)
 
     def append(self, layer: str, values: np.ndarray) -> None:
-        """Write the next ``values.shape[0]`` samples of ``layer`` (storage dtype)."""
+        """Write the next ``values.shape[0]`` samples of ``layer`` (storage dtype), or of
+        a sample data array (its own dtype)."""
         store = self.store
-        store._check_layer(layer)
-        expected = tuple(store.identity["shapes"][layer])
-        stored = storage_dtype(store.dtype)
+        expected, stored = store._field_layout(layer)
         if values.shape[1:] != expected or values.dtype != stored:
             raise ValueError(
                 f"block {self.block} of layer {layer!r}: got {values.dtype}{list(values.shape)}, "
@@ -924,7 +992,7 @@ class BlockStream:
             )
         paths = []
         try:
-            for layer in store.layers:
+            for layer in store.fields:
                 f = self._files.pop(layer)
                 arr = store._arrays[layer]
                 pad = arr.chunks[0] - self.samples
@@ -937,7 +1005,7 @@ class BlockStream:
         except OSError as exc:
             self.abort()
             raise _write_error(exc, store.path, f"write block {self.block}") from exc
-        row = np.array([1] + [self._crc[layer] for layer in store.layers], np.uint64)
+        row = np.array([1] + [self._crc[layer] for layer in store.fields], np.uint64)
         store._complete(self.block, paths, row, background)
 
     def abort(self) -> None:
@@ -962,10 +1030,14 @@ def check_identity(
     fields = [f for f in (*IDENTITY_FIELDS, "shapes") if f in wanted]
     skip = {"block_samples"} if auto_block else set()
     skip |= {f for f in ("model_hash", "source_fingerprint") if wanted.get(f) is None}
+
+    def value(record: Mapping[str, Any], field: str) -> Any:
+        return record.get(field) or {} if field == "sample_data" else record.get(field)
+
     diffs = [
-        f"{field}: store has {have.get(field)!r}, this run has {wanted.get(field)!r}"
+        f"{field}: store has {value(have, field)!r}, this run has {value(wanted, field)!r}"
         for field in fields
-        if field not in skip and _norm(have.get(field)) != _norm(wanted.get(field))
+        if field not in skip and _norm(value(have, field)) != _norm(value(wanted, field))
     ]
     if diffs:
         raise StoreMismatchError(
@@ -973,6 +1045,34 @@ def check_identity(
             + "; ".join(diffs)
             + "). Use a new --out path, or delete the store to start over."
         )
+
+
+def _sample_data_spec(
+    sample_data: Mapping[str, tuple[Sequence[int], str]], layers: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Check ``{name: (per-sample shape, dtype)}``; return it as identity JSON."""
+    out = {}
+    for name, spec in sample_data.items():
+        name = str(name)
+        if name in layers or "/" in name or name.startswith("__"):
+            raise ValueError(
+                f"sample data name {name!r} clashes with a layer or is not a Zarr node name"
+            )
+        try:
+            shape, dtype = spec
+            dtype = np.dtype(dtype)
+            shape = [int(d) for d in shape]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"sample data {name!r} must be (per-sample shape, numpy dtype), got {spec!r}"
+            ) from exc
+        if dtype.kind not in "biuf" or any(d < 1 for d in shape):
+            raise ValueError(
+                f"sample data {name!r}: expected a bool, integer or float dtype and a "
+                f"positive shape, got {dtype} {shape}"
+            )
+        out[name] = {"shape": shape, "dtype": dtype.name}
+    return out
 
 
 def _norm(value: Any) -> Any:
@@ -1024,6 +1124,9 @@ def _array_paths(group: zarr.Group) -> set[str]:
             for arr_name in ("activations", "unit"):
                 if _exists(layer_group, arr_name):
                     names.add(f"layers/{layer_name}/{arr_name}")
+    if "sample_data" in group:
+        for name, _ in group["sample_data"].arrays():
+            names.add(f"sample_data/{name}")
     return names
 
 

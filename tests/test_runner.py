@@ -451,3 +451,80 @@ def test_store_killed_during_creation_is_finished_by_the_rerun(tmp_path):
     assert store.is_complete()
     np.testing.assert_array_equal(store.layer("conv").values, true_conv(10))
     assert store.layer("conv").sample.values.tolist() == list(range(10))
+
+
+def record_labels(path, source, *, crash=None, block_samples=4):
+    """Record conv with each sample's label map (uint8) and index (int64) as sample data."""
+    writer = StoreWriter(
+        path,
+        ["conv"],
+        samples=len(source),
+        block_samples=block_samples,
+        attrs={"model": "tiny", "source": "ramp"},
+        sample_data=lambda b: {
+            "labels": b.data["labels"].to(torch.uint8),
+            "index": b.data["index"],
+        },
+    )
+    consumers = {"store": writer}
+    if crash is not None:
+        consumers["crash"] = crash_at(crash)
+    run(tiny_model(), source, consumers, batch_size=5, progress=False)
+
+
+@pytest.mark.parametrize("block_samples", [4, 5])  # blocks across batches, and aligned
+def test_sample_data_replays_the_labels_without_the_source(tmp_path, block_samples):
+    source = Ramp(23)
+    with pytest.raises(Crash):
+        record_labels(tmp_path / "s.zarr", source, crash=2, block_samples=block_samples)
+    record_labels(tmp_path / "s.zarr", source, block_samples=block_samples)
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    assert store.sample_data == {
+        "labels": ((4, 4), np.dtype("uint8")),
+        "index": ((), np.dtype("int64")),
+    }
+    assert store.verify() == []
+    seen = {"labels": [], "index": [], "conv": []}
+
+    def log(batch: Batch) -> None:
+        seen["labels"].append(batch.data["labels"].numpy())
+        seen["index"].append(batch.data["index"].numpy())
+        seen["conv"].append(batch.acts["conv"].numpy())
+
+    run_store(store, FunctionConsumer(log, "conv"), batch_size=5, progress=False)
+    labels = np.concatenate(seen["labels"])
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(
+        labels, np.stack([source[i]["labels"].numpy() for i in range(23)])
+    )
+    np.testing.assert_array_equal(np.concatenate(seen["index"]), np.arange(23))
+    np.testing.assert_array_equal(np.concatenate(seen["conv"]), true_conv(23))
+
+
+def test_sample_data_is_checksummed_and_part_of_the_identity(tmp_path):
+    from nethook.store import CorruptBlockError
+
+    record_labels(tmp_path / "s.zarr", Ramp(8))
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    chunk = tmp_path / "s.zarr" / "sample_data" / "labels" / "c.1.0.0"
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 1
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(CorruptBlockError, match="'labels' block 1"):
+        store.read_block("labels", 1)
+    with pytest.raises(Crash):
+        record_labels(tmp_path / "t.zarr", Ramp(12), crash=1)
+    with pytest.raises(StoreMismatchError, match="sample data"):  # resumed without labels
+        run(
+            tiny_model(),
+            Ramp(12),
+            StoreWriter(
+                tmp_path / "t.zarr",
+                ["conv"],
+                samples=12,
+                block_samples=4,
+                attrs={"model": "tiny", "source": "ramp"},
+            ),
+            batch_size=5,
+            progress=False,
+        )
