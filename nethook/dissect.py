@@ -3,8 +3,12 @@
 (thesis ch. 3; ``shared/METHODS.md`` section 1). Pass 1 finds each unit's top-quantile
 threshold with a :class:`~nethook.stats.quantile.Quantile` sketch; pass 2 tallies the
 intersection and union of each unit's thresholded, upsampled activation map with
-every concept's label map (:class:`~nethook.stats.iou.IoU`), category-conditioned;
-a third, small pass renders the top-activating images of each unit for galleries.
+every concept's label map (:class:`~nethook.stats.iou.IoU`), category-conditioned.
+By default pass 1 also records the layers' activations (float16), each image's concept
+labels and its gallery thumbnail in a temporary activation store, and pass 2 reads
+them back instead of rendering the images and running the model again
+(``pass2="recompute"`` does the latter, for runs whose store would not fit on disk).
+The top-activating images of each unit are gathered for galleries in passing.
 
 Results per layer are an ``xarray.Dataset`` (the *dissection dataset*):
 
@@ -263,22 +267,29 @@ class _IoUTally:
 
     Each layer's maps are upsampled to the label resolution and thresholded straight
     into one mask tensor, the layers side by side along the unit axis, so the labels
-    of a batch are prepared once for all layers. Checkpointable through the stat.
+    of a batch are prepared once for all layers. Reads a source's batch or the
+    labels a store replays (see :func:`batch_labels`). Checkpointable through the stat.
     """
 
-    def __init__(self, stat: IoU, layers: list[str], prepare, thresholds, geometry):
+    def __init__(
+        self,
+        stat: IoU,
+        layers: list[str],
+        prepare,
+        thresholds,
+        geometry,
+        input_size: tuple[int, int],
+    ):
         self.stat = stat
         self.layers = tuple(layers)
         self.prepare = prepare
         self.thresholds = thresholds
         self.geometry = geometry
+        self.input_size = tuple(input_size)
 
     def __call__(self, batch) -> None:
-        data = batch.data
-        image = data["image"]
-        labels = dict(data["labels"])
-        label_size = tuple(next(iter(labels.values())).shape[-2:] if labels else image.shape[-2:])
-        input_size = tuple(image.shape[-2:])
+        labels, image_labels = batch_labels(batch.data, self.input_size)
+        label_size = tuple(labels.shape[-2:])
         acts = {layer: self.prepare[layer](batch.acts[layer]) for layer in self.layers}
         first = next(iter(acts.values()))
         masks = torch.zeros(
@@ -293,16 +304,15 @@ class _IoUTally:
                 masks[:, offset : offset + units],
                 acts[layer],
                 self.thresholds[layer],
-                input_size,
+                self.input_size,
                 self.geometry[layer],
             )
             offset += units
         device = masks.device
         self.stat.update(
             masks,
-            {k: v.to(device) for k, v in labels.items()}
-            or torch.zeros((len(masks), 1, *label_size), dtype=torch.int64, device=device),
-            {k: v.to(device) for k, v in data.get("image_labels", {}).items()} or None,
+            labels.to(device),
+            None if image_labels is None else image_labels.to(device),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -310,6 +320,80 @@ class _IoUTally:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.stat.load_state_dict(sd)
+
+
+def batch_labels(
+    data: Mapping[str, Any], input_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch's pixel labels ``[N, L, H, W]`` and whole-image labels ``[N, K]`` (or None).
+
+    ``data`` is a concept source's batch (``labels`` and ``image_labels`` map each
+    category to ``[N, 1, H, W]`` / ``[N, k]`` ids; without pixel labels, one layer of
+    zeros at ``input_size``) or what :class:`_Recorder` stored (already stacked).
+    """
+    labels = data["labels"]
+    image_labels = data.get("image_labels")
+    if isinstance(labels, torch.Tensor):
+        return labels, image_labels
+    parts = [t if t.ndim == 4 else t[:, None] for t in labels.values()]
+    n = len(data["image"]) if "image" in data else len(data["index"])
+    stacked = torch.cat(parts, 1) if parts else torch.zeros((n, 1, *input_size), dtype=torch.int64)
+    whole = list((image_labels or {}).values())
+    return stacked, torch.cat(whole, 1) if whole else None
+
+
+def thumbnails(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[N, 3, H, W]`` images in [0, 1] as uint8 ``[N, h, w, 3]`` thumbnails of ``size``."""
+    import torch.nn.functional as F
+
+    images = images.float()
+    if tuple(images.shape[-2:]) != tuple(size):
+        images = F.interpolate(
+            images, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _label_dtype(concepts: pd.DataFrame) -> torch.dtype:
+    """The narrowest integer dtype that holds every concept id of the table."""
+    top = int(concepts["id"].max()) if len(concepts) else 0
+    return torch.uint8 if top < 2**8 else torch.int16 if top < 2**15 else torch.int32
+
+
+class _Recorder:
+    """What pass 1 stores beside the activations so that pass 2 needs no source.
+
+    Per image: the stacked pixel labels (``labels``), the whole-image labels
+    (``image_labels``, when the source has any) in the narrowest integer dtype that
+    holds the concept ids, and the gallery thumbnail (``thumb``, uint8).
+    """
+
+    def __init__(
+        self,
+        concepts: pd.DataFrame,
+        input_size: tuple[int, int],
+        thumb: tuple[int, int] | None,
+    ):
+        self.top = int(concepts["id"].max()) if len(concepts) else 0
+        self.dtype = _label_dtype(concepts)
+        self.input_size = input_size
+        self.thumb = thumb
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        labels, image_labels = batch_labels(batch.data, self.input_size)
+        out = {"labels": labels}
+        if image_labels is not None:
+            out["image_labels"] = image_labels
+        for name, ids in out.items():
+            if ids.numel() and (int(ids.max()) > self.top or int(ids.min()) < 0):
+                raise ValueError(
+                    f"the source's {name} hold concept ids outside its concept table "
+                    f"(0..{self.top}): {int(ids.min())}..{int(ids.max())}"
+                )
+        out = {name: ids.to(self.dtype) for name, ids in out.items()}
+        if self.thumb is not None:
+            out["thumb"] = thumbnails(batch.data["image"], self.thumb)
+        return out
 
 
 def threshold_maps(
@@ -373,6 +457,8 @@ def dissect(
     num_workers: int = 0,
     checkpoint_every: int = 20,
     progress: bool = True,
+    pass2: str = "store",
+    store_dtype: str = "float16",
 ) -> dict[str, xr.Dataset]:
     """Dissect ``layers`` of ``model`` on the concept ``source``; return one dataset per layer.
 
@@ -387,6 +473,15 @@ def dissect(
     where possible, else uniform). Top ``topk`` images per unit are kept, with
     thumbnails and masks at ``gallery_size`` pixels (``None``: no thumbnails).
 
+    ``pass2="store"`` (default) records the layers' activations (in ``store_dtype``),
+    the concept labels and the thumbnails in pass 1 to a temporary activation store
+    (``out/checkpoints/pass1.zarr``, or a temporary directory without ``out``),
+    removed once the dissection succeeds, and pass 2 reads them back: no second
+    rendering or forward pass. It needs about ``samples * units * pixels * 2`` bytes
+    of disk (float16); ``pass2="recompute"`` runs the source and model again instead.
+    float16 activations move the masks' edges by at most float16 rounding (relative
+    5e-4) against float32 thresholds: IoUs agree to about 1e-3.
+
     With ``out``, results go to ``out/results.zarr``, ``results.json`` and
     ``results.csv``, and both passes checkpoint to ``out/checkpoints/``: a killed
     dissection rerun with the same arguments resumes where it stopped.
@@ -395,7 +490,7 @@ def dissect(
     from nethook.layers import resolve_layers
     from nethook.models import load_model
     from nethook.plugins import get_source
-    from nethook.runner import run
+    from nethook.runner import StoreWriter, run, run_store
     from nethook.stats.topk import TopK
 
     model_spec = model if isinstance(model, str) else type(model).__name__
@@ -412,6 +507,8 @@ def dissect(
         raise ValueError(f"quantile must be a top share in (0, 0.5), got {quantile}")
     if rotate is not None and not 0.0 <= rotate <= 1.0:
         raise ValueError(f"rotate (alpha) must lie in [0, 1], got {rotate}")
+    if pass2 not in PASS2_MODES:
+        raise ValueError(f"pass2 must be one of {PASS2_MODES}, got {pass2!r}")
     model.eval()
     if device is not None:
         model.to(device)
@@ -420,7 +517,9 @@ def dissect(
     ckpt_dir = Path(out) / "checkpoints" if out is not None else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+    precision = store_dtype if pass2 == "store" else None
     key = content_key(
+        precision=precision,
         model=hash_model(model),
         source=source.fingerprint(),
         layers=layers,
@@ -441,45 +540,93 @@ def dissect(
     )
 
     shapes = _layer_shapes(model, layers, source, device)
-    prepare = {layer: _preparer(layer, shapes[layer], rotate, seed) for layer in layers}
+    prepare = {layer: _preparer(layer, shapes[layer], rotate, seed, precision) for layer in layers}
+
+    first = source[0]
+    input_size = tuple(first["image"].shape[-2:])
+    thumb = _thumb_size(input_size, gallery_size) if gallery_size else None
+    key2 = content_key(pass1=key, pass2=pass2)
+    requested = pass2
+    if pass2 == "store" and _checkpoint_complete(ckpt_dir, "pass2.npz", key2, n, batch_size):
+        pass2 = "recompute"  # a finished pass 2 needs no store (only its gallery renders)
 
     # Pass 1: thresholds (top quantile over every position of every image) and top images.
     pass1: dict[str, Any] = {}
     for layer in layers:
         pass1[f"quantile:{layer}"] = _UnitConsumer(Quantile(seed=seed), layer, prepare[layer])
         pass1[f"topk:{layer}"] = _TopImages(TopK(topk), layer, prepare[layer])
-    run(
-        model,
-        source,
-        pass1,
-        checkpoint=ckpt_dir / "pass1.npz" if ckpt_dir else None,
-        desc="dissect 1/2: thresholds",
-        **common,
-    )
-    thresholds = {layer: _threshold(pass1[f"quantile:{layer}"].stat, quantile) for layer in layers}
+    scratch = None
+    if pass2 == "store":
+        if ckpt_dir is None:
+            scratch = Path(tempfile.mkdtemp(prefix="nethook-dissect-"))
+        store_path = (ckpt_dir or scratch) / "pass1.zarr"
+        pass1["store"] = StoreWriter(
+            store_path,
+            layers,
+            samples=n,
+            dtype=store_dtype,
+            attrs={
+                "model": model_spec,
+                "model_hash": hash_model(model),
+                "source": source_spec,
+                "source_fingerprint": source.fingerprint(),
+                "seed": seed,
+            },
+            sample_data=_Recorder(concepts, input_size, thumb),
+        )
+    try:
+        run(
+            model,
+            source,
+            pass1,
+            checkpoint=ckpt_dir / "pass1.npz" if ckpt_dir else None,
+            desc="dissect 1/2: thresholds",
+            **common,
+        )
+        thresholds = {
+            layer: _threshold(pass1[f"quantile:{layer}"].stat, quantile) for layer in layers
+        }
 
-    # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.
-    geometries = {
-        layer: (geometry or {}).get(layer) or infer_geometry(model, layer) for layer in layers
-    }
-    units = [shapes[layer][1] for layer in layers]
-    tally = _IoUTally(IoU(sum(units), concepts), layers, prepare, thresholds, geometries)
-    tops = {layer: _top(pass1[f"topk:{layer}"].stat) for layer in layers}
-    pass2: dict[str, Any] = {"iou": tally}
-    if gallery_size:
-        h, w = source[0]["image"].shape[-2:]
-        scale = min(1.0, gallery_size / max(h, w))
-        thumb = (max(1, round(h * scale)), max(1, round(w * scale)))
-        indices = {layer: tops[layer][1] for layer in layers}
-        pass2["gallery"] = _Gallery(indices, prepare, thresholds, geometries, thumb)
-    run(
-        model,
-        source,
-        pass2,
-        checkpoint=ckpt_dir / "pass2.npz" if ckpt_dir else None,
-        desc="dissect 2/2: IoU",
-        **common,
-    )
+        # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.
+        geometries = {
+            layer: (geometry or {}).get(layer) or infer_geometry(model, layer) for layer in layers
+        }
+        units = [shapes[layer][1] for layer in layers]
+        tally = _IoUTally(
+            IoU(sum(units), concepts), layers, prepare, thresholds, geometries, input_size
+        )
+        tops = {layer: _top(pass1[f"topk:{layer}"].stat) for layer in layers}
+        consumers2: dict[str, Any] = {"iou": tally}
+        if thumb is not None:
+            indices = {layer: tops[layer][1] for layer in layers}
+            consumers2["gallery"] = _Gallery(
+                indices, prepare, thresholds, geometries, thumb, input_size
+            )
+        checkpoint2 = ckpt_dir / "pass2.npz" if ckpt_dir else None
+        if pass2 == "store":
+            run_store(
+                store_path,
+                consumers2,
+                batch_size=batch_size,
+                device=device or _model_device(model),
+                checkpoint=checkpoint2,
+                checkpoint_every=checkpoint_every,
+                checkpoint_key=key2,
+                progress=progress,
+                desc="dissect 2/2: IoU",
+            )
+        else:
+            run(
+                model,
+                source,
+                consumers2,
+                checkpoint=checkpoint2,
+                desc="dissect 2/2: IoU",
+                **{**common, "checkpoint_key": key2},
+            )
+    finally:
+        if scratch is not None:
+            _rmtree(scratch)
     iou_all = tally.stat.iou_xarray()
     offsets = np.concatenate([[0], np.cumsum(units)])
 
@@ -504,14 +651,51 @@ def dissect(
             "min_iou": min_iou,
             "rotate": rotate,
             "seed": seed,
+            "pass2": requested,
+            "precision": precision or "float32",
         }
         results[layer] = ds
-    if gallery_size:
-        pass2["gallery"].finish(model, source, device, batch_size)
-        pass2["gallery"].add_to(results)
+    if thumb is not None:
+        consumers2["gallery"].finish(model, source, device, batch_size)
+        consumers2["gallery"].add_to(results)
     if out is not None:
         save_results(results, out)
+        if pass2 == "store":
+            _rmtree(store_path)
     return results
+
+
+PASS2_MODES = ("store", "recompute")
+
+
+def _thumb_size(input_size: tuple[int, int], gallery_size: int) -> tuple[int, int]:
+    """Thumbnail (h, w): the image scaled so its longer side is at most ``gallery_size``."""
+    h, w = input_size
+    scale = min(1.0, gallery_size / max(h, w))
+    return (max(1, round(h * scale)), max(1, round(w * scale)))
+
+
+def _checkpoint_complete(
+    ckpt_dir: Path | None, name: str, key: str, samples: int, batch_size: int
+) -> bool:
+    """Whether ``ckpt_dir/name`` is a finished run's checkpoint with key ``key``."""
+    from nethook.runner import load_checkpoint
+
+    if ckpt_dir is None or not (ckpt_dir / name).is_file():
+        return False
+    saved = load_checkpoint(ckpt_dir / name)
+    meta = saved.get("meta", {})
+    return (
+        meta.get("key") == key
+        and int(meta.get("batch_size", -1)) == batch_size
+        and int(saved.get("batches_done", 0)) >= -(-samples // batch_size)
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def _layer_shapes(model: nn.Module, layers: list[str], source, device) -> dict[str, tuple]:
@@ -561,11 +745,31 @@ def _threshold(sketch: Quantile, quantile: float) -> torch.Tensor:
     return t.float()
 
 
-def _preparer(layer: str, shape: tuple, rotate: float | None, seed: int):
-    """The transform applied to a layer's maps before measuring: identity or ``Q**alpha``."""
-    if rotate is None:
-        return _identity
-    return Rotate(shape[1], alpha=rotate, seed=seed)
+def _preparer(
+    layer: str, shape: tuple, rotate: float | None, seed: int, precision: str | None = None
+):
+    """The transform applied to a layer's maps before measuring: identity or ``Q**alpha``.
+
+    With a ``precision`` (the store's dtype) the maps are first rounded to it, so that
+    pass 1 measures exactly the values pass 2 reads back from the store.
+    """
+    rotation = None if rotate is None else Rotate(shape[1], alpha=rotate, seed=seed)
+    if precision in (None, "float32"):
+        return rotation or _identity
+    return _Rounded(getattr(torch, precision), rotation)
+
+
+class _Rounded:
+    """Round maps to a narrower float dtype (and back), then apply ``then`` if given."""
+
+    def __init__(self, dtype: torch.dtype, then: Callable | None) -> None:
+        self.dtype = dtype
+        self.then = then
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype).to(x.dtype)
+        return x if self.then is None else self.then(x)
 
 
 def _identity(x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
@@ -581,10 +785,11 @@ def _top(stat) -> tuple[np.ndarray, np.ndarray]:
 class _Gallery:
     """Thumbnails of each unit's top images with the unit's mask, gathered in passing.
 
-    A consumer of pass 2: the top images are known after pass 1, so each one is
-    rendered when pass 2 meets it (no third pass over the images). Positions it has
-    not met (a resumed pass 2 skips the batches before its checkpoint) are rendered
-    by :meth:`finish` in a small pass of their own.
+    A consumer of pass 2: the top images are known after pass 1, so each one's
+    thumbnail is taken when pass 2 meets it (from the source's image, or the
+    thumbnail pass 1 stored; no third pass over the images). Positions it has not
+    met (a resumed pass 2 skips the batches before its checkpoint) are rendered by
+    :meth:`finish` in a small pass of their own.
     """
 
     def __init__(
@@ -594,8 +799,10 @@ class _Gallery:
         thresholds: Mapping[str, torch.Tensor],
         geometries: Mapping[str, Geometry | None],
         size: tuple[int, int],
+        input_size: tuple[int, int],
     ) -> None:
         self.top = dict(top)
+        self.input_size = tuple(input_size)
         self.layers = tuple(top)
         self.prepare = prepare
         self.thresholds = thresholds
@@ -612,24 +819,18 @@ class _Gallery:
         }
 
     def __call__(self, batch, positions: np.ndarray | None = None) -> None:
-        import torch.nn.functional as F
-
         pos = batch.positions.cpu().numpy() if positions is None else positions
         keep = np.nonzero(np.isin(pos, self.wanted))[0]
         if len(keep) == 0:
             return
         pos = pos[keep]
         self.seen[np.searchsorted(self.wanted, pos)] = True
-        images = batch.data["image"]
-        rows = torch.as_tensor(keep).to(images.device)
-        small = F.interpolate(
-            images[rows].float(),
-            size=self.size,
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )
-        small = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        if "thumb" in batch.data:
+            small = batch.data["thumb"][torch.as_tensor(keep)].cpu().numpy()
+        else:
+            images = batch.data["image"]
+            small = thumbnails(images[torch.as_tensor(keep).to(images.device)], self.size)
+            small = small.cpu().numpy()
         row = {int(p): i for i, p in enumerate(pos)}
         for layer in self.layers:
             top = self.top[layer]
@@ -641,9 +842,7 @@ class _Gallery:
             maps = acts[
                 torch.as_tensor(keep[which]).to(acts.device), torch.as_tensor(units).to(acts.device)
             ]
-            up = upsample(
-                maps[:, None], self.size, tuple(images.shape[-2:]), self.geometries[layer]
-            )
+            up = upsample(maps[:, None], self.size, self.input_size, self.geometries[layer])
             thr = torch.as_tensor(self.thresholds[layer].cpu().numpy()[units], device=up.device)
             self.masks[layer][units, ranks] = (up[:, 0] >= thr[:, None, None]).cpu().numpy()
             self.images[layer][units, ranks] = small[which]

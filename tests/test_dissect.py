@@ -105,11 +105,21 @@ def brute_force_iou(masks: np.ndarray, source: Planted) -> dict[int, np.ndarray]
     return out
 
 
-@pytest.fixture(scope="module")
-def dissected(tmp_path_factory):
-    out = tmp_path_factory.mktemp("planted")
+@pytest.fixture(scope="module", params=["store", "recompute"])
+def dissected(request, tmp_path_factory):
+    """The planted model dissected with pass 2 from the pass-1 store, and recomputed."""
+    out = tmp_path_factory.mktemp(f"planted-{request.param}")
     model = planted_model()
-    results = dissect(model, ["1", "2"], Planted(), out=out, batch_size=7, topk=3, progress=False)
+    results = dissect(
+        model,
+        ["1", "2"],
+        Planted(),
+        out=out,
+        batch_size=7,
+        topk=3,
+        progress=False,
+        pass2=request.param,
+    )
     return model, results, out
 
 
@@ -137,6 +147,8 @@ def test_iou_equals_brute_force(dissected) -> None:
         pooled = model(images)
     for layer, acts in (("1", relu), ("2", pooled)):
         ds = results[layer]
+        # the store path measures activations at the store's precision, in both passes
+        acts = acts.to(getattr(torch, ds.attrs["precision"])).float()
         maps = F.interpolate(acts, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
         thr = torch.as_tensor(ds["threshold"].values)
         masks = (maps >= thr[None, :, None, None]).numpy()
@@ -184,7 +196,14 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
         return real_update(self, *args, **kwargs)
 
     monkeypatch.setattr(iou_module.IoU, "update", flaky)
-    kwargs = dict(out=tmp_path, batch_size=7, topk=3, progress=False, checkpoint_every=2)
+    kwargs = dict(
+        out=tmp_path,
+        batch_size=7,
+        topk=3,
+        progress=False,
+        checkpoint_every=2,
+        pass2=reference["1"].attrs["pass2"],
+    )
     with pytest.raises(KeyboardInterrupt):
         dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     assert (tmp_path / "checkpoints" / "pass2.npz").exists()
@@ -194,19 +213,69 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
         np.testing.assert_array_equal(resumed[layer]["iou"].values, reference[layer]["iou"].values)
 
 
+def test_killed_pass1_with_store_resumes(tmp_path: Path, dissected, monkeypatch) -> None:
+    """Kill pass 1 midway (store half written); the rerun resumes, then drops the store."""
+    from nethook.stats import quantile as quantile_module
+
+    _, reference, _ = dissected
+    if reference["1"].attrs["pass2"] != "store":
+        pytest.skip("the store path only")
+    real_update = quantile_module.Quantile.update
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 1:  # two layers: the fifth batch of six
+            raise KeyboardInterrupt("killed")
+        return real_update(self, *args, **kwargs)
+
+    monkeypatch.setattr(quantile_module.Quantile, "update", flaky)
+    kwargs = dict(out=tmp_path, batch_size=7, topk=3, progress=False, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
+    store = tmp_path / "checkpoints" / "pass1.zarr"
+    assert store.is_dir() and (tmp_path / "checkpoints" / "pass1.npz").exists()
+    monkeypatch.setattr(quantile_module.Quantile, "update", real_update)
+    resumed = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
+    assert not store.exists()
+    for layer in ("1", "2"):
+        for name in ("iou", "threshold", "top_index", "top_image", "top_mask"):
+            np.testing.assert_array_equal(
+                resumed[layer][name].values, reference[layer][name].values
+            )
+
+
+def test_store_and_recompute_paths_agree() -> None:
+    """float32 store: identical to recomputing; float16: same labels, IoU within 1e-3."""
+    kwargs = dict(batch_size=7, topk=3, progress=False)
+    again = dissect(planted_model(), ["1", "2"], Planted(), pass2="recompute", **kwargs)
+    exact = dissect(
+        planted_model(), ["1", "2"], Planted(), pass2="store", store_dtype="float32", **kwargs
+    )
+    half = dissect(planted_model(), ["1", "2"], Planted(), pass2="store", **kwargs)
+    for layer in ("1", "2"):
+        for name in ("iou", "threshold", "label", "top_index", "top_image", "top_mask"):
+            np.testing.assert_array_equal(exact[layer][name].values, again[layer][name].values)
+        np.testing.assert_array_equal(half[layer]["label"].values, again[layer]["label"].values)
+        np.testing.assert_allclose(half[layer]["iou"].values, again[layer]["iou"].values, atol=1e-3)
+        np.testing.assert_allclose(
+            half[layer]["threshold"].values, again[layer]["threshold"].values, rtol=1e-3
+        )
+
+
 def test_rotation_equals_dissecting_a_rotated_layer() -> None:
     """--rotate ALPHA measures the layer in the basis Q**alpha: same as a 1x1 conv by Q**alpha."""
     from nethook.rotation import fractional_rotation, random_rotation
 
-    rotated = dissect(
-        planted_model(), "1", Planted(), rotate=0.5, seed=3, progress=False, gallery_size=None
-    )["1"]
+    # float32 store: the two differ only in where float16 rounding would happen
+    exact = dict(progress=False, gallery_size=None, store_dtype="float32")
+    rotated = dissect(planted_model(), "1", Planted(), rotate=0.5, seed=3, **exact)["1"]
     q = torch.from_numpy(fractional_rotation(random_rotation(3, 3), 0.5)).float()
     conv = nn.Conv2d(3, 3, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(q.view(3, 3, 1, 1))
     explicit = nn.Sequential(*planted_model()[:2], conv).eval()
-    reference = dissect(explicit, "2", Planted(), progress=False, gallery_size=None)["2"]
+    reference = dissect(explicit, "2", Planted(), **exact)["2"]
     assert rotated.attrs["rotate"] == 0.5
     np.testing.assert_allclose(rotated["threshold"], reference["threshold"], rtol=1e-5)
     np.testing.assert_allclose(rotated["iou"], reference["iou"], atol=1e-3)
@@ -217,6 +286,8 @@ def test_bad_input_is_named() -> None:
         dissect(planted_model(), "1", Planted(), quantile=0.7, progress=False)
     with pytest.raises(ValueError, match="rotate"):
         dissect(planted_model(), "1", Planted(), rotate=2.0, progress=False)
+    with pytest.raises(ValueError, match="pass2"):
+        dissect(planted_model(), "1", Planted(), pass2="disk", progress=False)
     with pytest.raises(Exception, match="nolayer"):
         dissect(planted_model(), "nolayer", Planted(), progress=False)
 
@@ -251,8 +322,9 @@ def test_broden_fixture_end_to_end(tmp_path: Path) -> None:
     category_of = dict(zip(table["id"], table["category"], strict=True))
     items = [source[i] for i in range(len(source))]
     images = torch.stack([(it["image"] - mean) / std for it in items])
+    precision = getattr(torch, ds.attrs["precision"])  # what both passes measured
     with torch.no_grad():
-        maps = F.avg_pool2d(model(images), 2)
+        maps = F.avg_pool2d(model(images).to(precision).float(), 2)
     masks = (maps >= torch.as_tensor(ds["threshold"].values)[None, :, None, None]).numpy()
     for cid in table["id"]:
         inter = np.zeros(2)
