@@ -2,8 +2,9 @@
 
 Each acts on selected units (channels) of the layer's output, optionally only inside
 a region: a spatial ``mask`` (``[H, W]`` for conv outputs ``[B, C, H, W]``, or
-``[T]`` for token outputs ``[B, T, C]``; values in [0, 1], fractional values blend)
-or token ``positions`` (for ``[B, T, C]``). The channel dimension is 1 for outputs
+``[T]`` for token outputs ``[B, T, C]``; or one per image, ``[B, H, W]`` or
+``[B, T]``; values in [0, 1], fractional values blend) or token ``positions`` (for
+``[B, T, C]``). The channel dimension is 1 for outputs
 of 4 or more dimensions and the last one for ``[B, T, C]`` and ``[B, C]``; pass
 ``channel_dim`` to override. Inside the region a unit's value ``r`` becomes the
 intervention's target; outside, and for every other unit, the output is unchanged:
@@ -14,13 +15,17 @@ intervention's target; outside, and for every other unit, the output is unchange
 ``Replace``             target ``k`` (one constant per unit)
 ``Scale``               target ``s * r``
 ``AddDirection``        target ``r + scale * d`` (all units)
-``PartialAblate``       target ``(1 - a) * r``, ``a`` in [0, 1] per unit
-``PartialInsert``       target ``a * k + (1 - a) * r``
+``PartialAblate``       target 0 with strength ``a`` in [0, 1] per unit
+``PartialInsert``       target ``k`` with strength ``a`` per unit
 ======================  =======================================
 
-The last two are the partial ablation and insertion of GAN Dissection. Every
-intervention has a readable ``repr`` and a JSON description: ``x.to_json()`` and
-:func:`from_json` round-trip. Register more with :func:`register` (the plugin host
+The last two are the partial ablation and insertion of GAN Dissection: inside the
+region ``p`` unit ``u`` becomes ``(1 - a_u p) r + a_u p k_u`` (``k = 0`` for
+ablation). Their ``alpha`` and ``values`` may be tensors (one value per unit, or
+one for all), used as they are, so gradients flow to them and an optimizer's
+in-place updates are seen; a ``mask`` tensor is used as is too (no copy through
+Python lists). Every intervention has a readable ``repr`` and a JSON description:
+``x.to_json()`` (tensors written as lists) and :func:`from_json` round-trip. Register more with :func:`register` (the plugin host
 does this for the ``nethook_interventions`` hook).
 
 Used as ``edit_output``, an intervention edits the first tensor of a tuple, list,
@@ -94,6 +99,25 @@ def _floats(values: Any, what: str) -> list[float] | float:
     return flat
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with a tensor turned into a float or a (nested) list, for JSON and repr."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().double().tolist()
+    return value
+
+
+def _tensor_or_floats(values: Any, what: str) -> torch.Tensor | list[float] | float:
+    """A tensor (flattened to one value or one per unit, kept as is so gradients flow),
+    else a float or a flat list of floats as :func:`_floats` gives."""
+    if not isinstance(values, torch.Tensor):
+        return _floats(values, what)
+    if values.numel() == 0:
+        raise ValueError(f"{what} must not be empty")
+    if values.is_complex() or not (values.is_floating_point() or values.dtype == torch.bool):
+        values = values.double()
+    return values if values.ndim == 0 else values.reshape(-1)
+
+
 def _short(values: Any, limit: int = 6) -> str:
     """A list written in full when short, else its start and length."""
     if not isinstance(values, list) or len(values) <= limit:
@@ -130,10 +154,13 @@ class Intervention:
                 raise ValueError(f"units must be channel indices >= 0, got {self.units!r}")
             self.units = units
         if self.mask is not None:
-            mask = torch.as_tensor(self.mask, dtype=torch.float64)
-            if mask.numel() and (mask.min() < 0 or mask.max() > 1):
+            mask = self.mask
+            if not isinstance(mask, torch.Tensor):
+                mask = torch.as_tensor(mask, dtype=torch.float64)
+            check = mask.detach()
+            if check.numel() and (check.min() < 0 or check.max() > 1):
                 raise ValueError("mask values must lie in [0, 1]")
-            self.mask = mask.tolist()
+            self.mask = mask if isinstance(self.mask, torch.Tensor) else mask.tolist()
         if self.positions is not None:
             self.positions = [int(p) for p in torch.as_tensor(self.positions).flatten().tolist()]
         if self.mask is not None and self.positions is not None:
@@ -141,8 +168,14 @@ class Intervention:
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _constant(self, name: str, values: Any, like: torch.Tensor, dtype=None) -> torch.Tensor:
-        """``values`` as a tensor on ``like``'s device, built once per device and dtype."""
+        """``values`` as a tensor on ``like``'s device, built once per device and dtype.
+
+        A tensor is converted on every call instead (no cache), so gradients reach it
+        and in-place changes to it are seen.
+        """
         dtype = dtype or like.dtype
+        if isinstance(values, torch.Tensor):
+            return values.to(device=like.device, dtype=dtype)
         key = (name, like.device, dtype)
         if key not in self._cache:
             self._cache[key] = torch.as_tensor(values, dtype=dtype, device=like.device)
@@ -151,6 +184,11 @@ class Intervention:
     def target(self, r: torch.Tensor) -> torch.Tensor:
         """The value the selected units take inside the region (``r``: their values)."""
         raise NotImplementedError
+
+    def strength(self, r: torch.Tensor) -> torch.Tensor | None:
+        """How far each selected unit moves toward :meth:`target` (multiplies the region;
+        None: all the way). Partial interventions return their ``alpha``."""
+        return None
 
     def per_unit(self, values: float | list[float], r: torch.Tensor, what: str) -> torch.Tensor:
         """``values`` (a scalar or one per selected unit) shaped to broadcast against ``r``."""
@@ -180,10 +218,18 @@ class Intervention:
         sizes = [x.shape[d] for d in spatial]
         if self.mask is not None:
             region = self._constant("mask", self.mask, x)
+            per_image = [x.shape[0], *sizes]
+            if list(region.shape) == per_image and x.ndim > 1:
+                view = [1] * x.ndim
+                view[0] = x.shape[0]
+                for d, size in zip(spatial, sizes, strict=True):
+                    view[d] = size
+                return region.reshape(view)
             if list(region.shape) != sizes:
                 raise ValueError(
                     f"{type(self).__name__}: mask has shape {list(region.shape)} but the "
-                    f"output {list(x.shape)} has spatial shape {sizes}"
+                    f"output {list(x.shape)} has spatial shape {sizes} (or, one mask per "
+                    f"image, {per_image})"
                 )
         else:
             if len(sizes) != 1:
@@ -218,6 +264,9 @@ class Intervention:
             r = x.index_select(cdim, index)
         target = self.target(r).to(x.dtype)
         region = self._region(x, cdim)
+        strength = self.strength(r)
+        if strength is not None:
+            region = strength if region is None else strength * region
         new = target if region is None else r + region * (target - r)
         if index is None:
             return new
@@ -236,7 +285,7 @@ class Intervention:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None:
-                d[f.name] = value
+                d[f.name] = _plain(value)
         return d
 
     def __eq__(self, other: object) -> bool:
@@ -249,10 +298,10 @@ class Intervention:
             if value is None:
                 continue
             if f.name == "mask":
-                m = torch.as_tensor(value)
+                m = torch.as_tensor(_plain(value))
                 parts.append(f"mask=<{'x'.join(map(str, m.shape))} mask, {m.sum().item():g} on>")
             else:
-                parts.append(f"{f.name}={_short(value)}")
+                parts.append(f"{f.name}={_short(_plain(value))}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
@@ -333,42 +382,56 @@ class AddDirection(Intervention):
         return r + self.scale * self.per_unit(self.direction, r, "direction")
 
 
-def _alpha(alpha: Any) -> float | list[float]:
-    """Validate the blend weight(s) ``a`` in [0, 1]."""
-    values = _floats(alpha, "alpha")
-    if any(not 0.0 <= v <= 1.0 for v in (values if isinstance(values, list) else [values])):
-        raise ValueError(f"alpha must lie in [0, 1], got {_short(values)}")
+def _alpha(alpha: Any) -> torch.Tensor | float | list[float]:
+    """Validate the strength(s) ``a`` in [0, 1] (a tensor is kept, see the module doc)."""
+    values = _tensor_or_floats(alpha, "alpha")
+    if isinstance(values, torch.Tensor):
+        check = values.detach()
+        bad = bool(((check < 0) | (check > 1) | check.isnan()).any())
+        shown = _short(_plain(values))
+    else:
+        bad = any(not 0.0 <= v <= 1.0 for v in (values if isinstance(values, list) else [values]))
+        shown = _short(values)
+    if bad:
+        raise ValueError(f"alpha must lie in [0, 1], got {shown}")
     return values
 
 
 @register
 @dataclasses.dataclass(eq=False, repr=False)
 class PartialAblate(Intervention):
-    """GAN Dissection's partial ablation: ``(1 - a) * r`` with ``a`` in [0, 1] per unit."""
+    """GAN Dissection's partial ablation: ``(1 - a p) r``, strength ``a`` in [0, 1] per unit
+    (``p``: the region)."""
 
-    alpha: float | list[float] = 1.0
+    alpha: Any = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.alpha = _alpha(self.alpha)
 
     def target(self, r: torch.Tensor) -> torch.Tensor:
-        return (1 - self.per_unit(self.alpha, r, "alpha")) * r
+        return torch.zeros_like(r)
+
+    def strength(self, r: torch.Tensor) -> torch.Tensor:
+        return self.per_unit(self.alpha, r, "alpha")
 
 
 @register
 @dataclasses.dataclass(eq=False, repr=False)
 class PartialInsert(Intervention):
-    """GAN Dissection's partial insertion: ``a * k + (1 - a) * r`` per unit."""
+    """GAN Dissection's partial insertion: ``(1 - a p) r + a p k`` per unit (``k`` the
+    ``values``, ``p`` the region)."""
 
-    values: float | list[float] = 0.0
-    alpha: float | list[float] = 1.0
+    values: Any = 0.0
+    alpha: Any = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.values = _floats(self.values, "values")
+        self.values = _tensor_or_floats(self.values, "values")
         self.alpha = _alpha(self.alpha)
 
     def target(self, r: torch.Tensor) -> torch.Tensor:
-        a = self.per_unit(self.alpha, r, "alpha")
-        return a * self.per_unit(self.values, r, "values") + (1 - a) * r
+        return self.per_unit(self.values, r, "values").expand_as(r)
+
+    def strength(self, r: torch.Tensor) -> torch.Tensor:
+        return self.per_unit(self.alpha, r, "alpha")
