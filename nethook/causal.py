@@ -20,9 +20,9 @@ output of ``layer`` and ``x = f(r)``:
   and the context test (figure 4-11, :func:`context_test`).
 
 The search needs gradients through the intervention, per-image locations and a
-differentiable segmentation: it uses :func:`partial_edit` (an ``edit_output``
-function with a tensor ``alpha``) and the segmenter's
-``probability(images, concept_id) -> [B, H, W]``.
+differentiable segmentation: it uses :class:`~nethook.interventions.PartialAblate`
+and :class:`~nethook.interventions.PartialInsert` with a tensor ``alpha`` and a
+``[B, h, w]`` mask, and the segmenter's ``probability(images, concept_id) -> [B, H, W]``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nethook.atomic import atomic_path
-from nethook.gandissect import check_feature_map, generate, resolve_concepts, sample_z
-from nethook.interventions import Ablate, Replace
+from nethook.gandissect import generate, resolve_concepts, sample_z
+from nethook.interventions import Ablate, PartialAblate, PartialInsert, Replace
 from nethook.sources import Segmenter
 from nethook.stats.compose import Conditional
 from nethook.stats.moments import Mean
@@ -58,7 +58,6 @@ __all__ = [
     "concept_id",
     "context_test",
     "insertion_constant",
-    "partial_edit",
     "search_causal_units",
 ]
 
@@ -201,24 +200,6 @@ def average_causal_effect(
     return Effect(base, ablated, inserted)
 
 
-def partial_edit(alpha: torch.Tensor, region: torch.Tensor, k: torch.Tensor | None = None):
-    """A differentiable ``edit_output`` for ``[B, C, h, w]`` outputs.
-
-    Inside ``region`` (``[B, h, w]`` in [0, 1], one map per image) unit ``u`` becomes
-    ``(1 - alpha_u) r`` (partial ablation, ``k`` None) or ``alpha_u k_u + (1 - alpha_u) r``
-    (partial insertion). Gradients flow to ``alpha``. (The intervention objects of
-    :mod:`nethook.interventions` hold plain numbers and one mask for the batch.)
-    """
-
-    def edit(output: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-        r = check_feature_map(output, str(layer))
-        a = alpha.view(1, -1, 1, 1) * region[:, None].to(r.dtype)
-        target = torch.zeros_like(r) if k is None else k.view(1, -1, 1, 1).to(r.dtype)
-        return r + a * (target - r)
-
-    return edit
-
-
 def _probability(segmenter: Segmenter, images: torch.Tensor, cid: int) -> torch.Tensor:
     prob = getattr(segmenter, "probability", None)
     if prob is None:
@@ -342,6 +323,7 @@ def search_causal_units(
             state.history = json.loads(saved["history"])
     for p in generator.parameters():
         p.requires_grad_(False)
+    full_insert = PartialInsert(values=k, alpha=torch.ones(d, device=device))
     bar = tqdm(total=epochs, initial=state.epoch, desc="causal search", disable=not progress)
     while state.epoch < epochs:
         losses, deltas = [], []
@@ -353,16 +335,18 @@ def search_causal_units(
                 hw = base.features.shape[-2:]
                 seen = _probability(segmenter, base.images, cid) > 0.5
                 present = concept_coverage(seen, hw) > 0
-                full = torch.ones(batch_size, *hw, device=device)
-                edit = partial_edit(torch.ones(d, device=device), full, k)
-                inserted = generate(generator, layer, z, edit=edit)
+                inserted = generate(generator, layer, z, edit=full_insert)
                 seen = _probability(segmenter, inserted.images, cid) > 0.5
                 appear = (concept_coverage(seen, hw) > 0) & ~present
             region = _sample_locations(present.cpu(), appear.cpu(), gen).to(device)
             pix = _region_pixels(region, base.images.shape[-2:])
             area = pix.sum(dim=(1, 2)).clamp(min=1)
             shares = []
-            for edit in (partial_edit(alpha, region), partial_edit(alpha, region, k)):
+            edits = (
+                PartialAblate(alpha=alpha, mask=region),
+                PartialInsert(values=k, alpha=alpha, mask=region),
+            )
+            for edit in edits:
                 with Trace(generator, layer, edit_output=edit):
                     images = generator(z)
                 prob = _probability(segmenter, images, cid)

@@ -17,8 +17,9 @@ Two samples of z (two seeds) keep estimation and reporting apart:
    these sketches, hence ``I / H`` for every (unit, concept, candidate), and the
    best candidate becomes ``t_{u,c}``.
 2. *report sample*: one pass counts, exactly, ``|M|``, ``|s_c|`` and ``|M ∧ s_c|``
-   at those thresholds (:class:`ThresholdedIoU`), and keeps each unit's
-   top-activating samples (:class:`~nethook.stats.topk.TopK`) for the galleries.
+   at those thresholds (:class:`~nethook.stats.pair_iou.PairIoU`), and keeps each
+   unit's top-activating samples (:class:`~nethook.stats.topk.TopK`) and their
+   images for the galleries (no second generator pass).
 
 The result is a *dissection dataset* as :mod:`nethook.dissect` defines it (so
 ``save_results`` and the HTML report apply), with per-concept thresholds:
@@ -48,6 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
@@ -55,6 +57,7 @@ from tqdm.auto import tqdm
 from nethook.dissect import label_units
 from nethook.sources import Segmenter
 from nethook.stats.compose import Conditional
+from nethook.stats.pair_iou import PairIoU
 from nethook.stats.quantile import Quantile
 from nethook.stats.topk import TopK
 from nethook.trace import Trace
@@ -67,9 +70,9 @@ __all__ = [
     "DEFAULT_MIN_IOU",
     "GeneratedBatch",
     "LayerDistribution",
-    "ThresholdedIoU",
     "candidate_levels",
     "check_feature_map",
+    "concept_ids",
     "concept_presence",
     "gandissect",
     "generate",
@@ -173,16 +176,27 @@ def batches(
     bar.close()
 
 
-def concept_presence(labels: dict[str, torch.Tensor], num_ids: int) -> torch.Tensor:
-    """Bool ``[B*H*W, num_ids]``: which concept ids each pixel carries (column 0 unused).
+def concept_ids(labels: dict[str, torch.Tensor], num_ids: int | None = None) -> torch.Tensor:
+    """Int64 ``[B*H*W, L]``: the concept ids of every pixel, one column per label layer.
 
-    ``labels`` is a segmenter's output ``{category: int [B, L, H, W]}``; pixels are
-    ordered like :func:`pixels` orders activations.
+    ``labels`` is a segmenter's output ``{category: int [B, L_c, H, W]}`` (``L`` is the
+    sum of the ``L_c``; 0 = no label); pixels are ordered like :func:`pixels` orders
+    activations. With ``num_ids``, ids outside ``[0, num_ids)`` are an error.
     """
     layers = [t.reshape(t.shape[0], -1, *t.shape[-2:]) for t in labels.values()]
     ids = torch.cat(layers, dim=1).long()
-    b, depth, h, w = ids.shape
-    flat = ids.permute(0, 2, 3, 1).reshape(-1, depth)
+    flat = ids.permute(0, 2, 3, 1).reshape(-1, ids.shape[1])
+    if num_ids is not None and flat.numel() and (flat.min() < 0 or flat.max() >= num_ids):
+        raise ValueError(f"segmenter returned concept ids outside [0, {num_ids})")
+    return flat
+
+
+def concept_presence(labels: dict[str, torch.Tensor] | torch.Tensor, num_ids: int) -> torch.Tensor:
+    """Bool ``[N, num_ids]``: which concept ids each pixel carries (column 0 unused).
+
+    ``labels`` is a segmenter's output (see :func:`concept_ids`) or its ``[N, L]`` ids.
+    """
+    flat = labels if isinstance(labels, torch.Tensor) else concept_ids(labels)
     if flat.numel() and (flat.min() < 0 or flat.max() >= num_ids):
         raise ValueError(f"segmenter returned concept ids outside [0, {num_ids})")
     out = torch.zeros(flat.shape[0], num_ids, dtype=torch.bool, device=flat.device)
@@ -242,25 +256,49 @@ class LayerDistribution:
 
     ``update(acts [N, C], presence [N, K])`` feeds a :class:`Quantile` of all pixels,
     a :class:`Conditional` of Quantiles keyed by concept id, and per-concept pixel
-    counts. ``pixel_step > 1`` keeps every ``pixel_step``-th pixel (deterministic
-    thinning; thresholds need far fewer pixels than IoU counts).
+    counts. ``presence`` may also be the ``[N, L]`` concept ids of
+    :func:`concept_ids`. ``concepts`` (ids) limits the conditional sketches to those
+    concepts (default: every id seen). ``pixel_step > 1`` keeps every
+    ``pixel_step``-th pixel (deterministic thinning; thresholds need far fewer
+    pixels than IoU counts).
     """
 
-    def __init__(self, pixel_step: int = 1, k: int = 2048) -> None:
+    def __init__(
+        self, pixel_step: int = 1, k: int = 2048, concepts: Sequence[int] | None = None
+    ) -> None:
         self.overall = Quantile(k=k)
         self.conditional = Conditional(lambda: Quantile(k=k, tail_k=256))
         self.pixel_step = int(pixel_step)
+        self.concepts = None if concepts is None else {int(c) for c in concepts}
         self.label_count: np.ndarray | None = None
         self.count = 0
 
     def update(self, acts: torch.Tensor, presence: torch.Tensor) -> None:
-        """Add pixels ``acts [N, C]`` with their concept presence ``[N, K]``."""
+        """Add pixels ``acts [N, C]`` with their concept presence ``[N, K]`` (or ids ``[N, L]``)."""
         if self.pixel_step > 1:
             acts, presence = acts[:: self.pixel_step], presence[:: self.pixel_step]
+        acts = acts.contiguous()
+        if presence.dtype != torch.bool:
+            top = int(presence.max()) + 1 if presence.numel() else 1
+            width = top if self.label_count is None else max(top, len(self.label_count))
+            presence = concept_presence(presence, width)
         self.overall.update(acts)
-        self.conditional.update(acts, presence)
-        counts = presence.sum(0).cpu().numpy().astype(np.int64)
-        self.label_count = counts if self.label_count is None else self.label_count + counts
+        by_concept = presence.T.contiguous()
+        counts = by_concept.sum(1)
+        keys = counts.nonzero().flatten().tolist()
+        if self.concepts is not None:
+            keys = [k for k in keys if k in self.concepts]
+        for key in keys:
+            # Conditional's keyed update with rows picked by index_select, the fast gather
+            rows = by_concept[key].nonzero().flatten()
+            self.conditional.update(acts.index_select(0, rows), key)
+        counts = counts.cpu().numpy().astype(np.int64)
+        if self.label_count is None:
+            self.label_count = counts
+        else:
+            width = max(len(counts), len(self.label_count))
+            self.label_count = np.pad(self.label_count, (0, width - len(self.label_count)))
+            self.label_count[: len(counts)] += counts
         self.count += acts.shape[0]
 
 
@@ -293,45 +331,6 @@ def iqr_thresholds(
         thresholds[:, j] = cand[np.arange(units), pick]
         best[:, j] = ratio[np.arange(units), pick]
     return thresholds, best
-
-
-class ThresholdedIoU:
-    """Exact IoU tallies of every unit against every concept at a threshold per pair.
-
-    ``thresholds`` is ``[C, K]`` (unit, concept); a pixel is in unit ``u``'s mask for
-    concept ``k`` when its activation is ``> thresholds[u, k]``. Over all pixels of
-    all images: ``|M ∧ s|`` (``intersection``), ``|M|`` (``unit_area``) and ``|s|``
-    (``label_area``). (The IoU stat of :mod:`nethook.stats.iou` takes one threshold
-    per unit; GAN dissection's is per unit and concept, so this small tally does it.)
-    """
-
-    def __init__(self, thresholds: np.ndarray, concept_ids: Sequence[int]) -> None:
-        self.thresholds = np.asarray(thresholds, dtype=np.float64)
-        self.concept_ids = list(concept_ids)
-        c, k = self.thresholds.shape
-        self.intersection = np.zeros((c, k), dtype=np.int64)
-        self.unit_area = np.zeros((c, k), dtype=np.int64)
-        self.label_area = np.zeros(k, dtype=np.int64)
-
-    def update(self, acts: torch.Tensor, presence: torch.Tensor) -> None:
-        """Add pixels ``acts [N, C]`` with concept presence ``[N, num_ids]``."""
-        a = acts.detach().float().cpu().numpy()
-        cols = presence[:, self.concept_ids].cpu().numpy()
-        ordered = np.sort(np.ascontiguousarray(a.T), axis=1)  # [C, N]
-        n = a.shape[0]
-        thr = self.thresholds.astype(np.float32)
-        for u in range(a.shape[1]):
-            self.unit_area[u] += n - np.searchsorted(ordered[u], thr[u], side="right")
-        self.label_area += cols.sum(0)
-        for j in np.flatnonzero(cols.any(0)):
-            rows = a[cols[:, j]]
-            self.intersection[:, j] += (rows > thr[:, j]).sum(0)
-
-    def iou(self) -> np.ndarray:
-        """``[C, K]`` IoU (0 where the union is empty)."""
-        union = self.unit_area + self.label_area[None, :] - self.intersection
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(union > 0, self.intersection / np.maximum(union, 1), 0.0)
 
 
 # ---- the pipeline -------------------------------------------------------------------------
@@ -385,28 +384,28 @@ def gandissect(
     ids = table["id"].astype(int).tolist()
     num_ids = int(segmenter.concepts()["id"].max()) + 1
 
-    dist = LayerDistribution(pixel_step=pixel_step)
+    dist = LayerDistribution(pixel_step=pixel_step, concepts=ids)
     for _, b in batches(
         generator, layer, segmenter, n, seed, batch_size, device, "gandissect thresholds", progress
     ):
         size = label_size(b.labels, b.images)
-        dist.update(
-            pixels(b.features, size, b.images.shape[-2:]), concept_presence(b.labels, num_ids)
-        )
+        dist.update(pixels(b.features, size, b.images.shape[-2:]), concept_ids(b.labels, num_ids))
     thresholds, iqr = iqr_thresholds(dist, ids, levels)
 
-    tally = ThresholdedIoU(thresholds, ids)
+    # candidate thresholds are sketch values of float32 activations: exact in float32
+    tally = PairIoU(torch.as_tensor(thresholds, dtype=torch.float32), concepts=ids)
     top = TopK(gallery) if gallery else None
+    kept = _GalleryImages(thumbnail) if top is not None and thumbnail else None
     for start, b in batches(
         generator, layer, segmenter, n_report, report_seed, batch_size, device,
         "gandissect iou", progress,
     ):  # fmt: skip
         size = label_size(b.labels, b.images)
-        tally.update(
-            pixels(b.features, size, b.images.shape[-2:]), concept_presence(b.labels, num_ids)
-        )
+        tally.update(pixels(b.features, size, b.images.shape[-2:]), concept_ids(b.labels, num_ids))
         if top is not None:
             top.update(b.features.amax(dim=(2, 3)), start)
+        if kept is not None:
+            kept.update(start, b, top.indices())
 
     units = np.arange(thresholds.shape[0])
     coords = {
@@ -415,14 +414,15 @@ def gandissect(
         "concept_name": ("concept", table["name"].astype(str).to_numpy().astype(object)),
         "concept_category": ("concept", table["category"].astype(str).to_numpy().astype(object)),
     }
-    iou = xr.DataArray(tally.iou().astype(np.float32), dims=("unit", "concept"), coords=coords)
+    iou = tally.iou().cpu().numpy().astype(np.float32)
+    iou = xr.DataArray(iou, dims=("unit", "concept"), coords=coords)
     ds = label_units(iou, min_iou)
     ds["iou"] = iou
     ds["concept_threshold"] = (("unit", "concept"), thresholds.astype(np.float32))
     ds["iqr"] = (("unit", "concept"), iqr.astype(np.float32))
     pick = np.searchsorted(np.asarray(ids), ds["label_id"].values)
     ds["threshold"] = ("unit", thresholds[units, pick].astype(np.float32))
-    ds["label_area"] = ("concept", tally.label_area / max(n_report, 1))
+    ds["label_area"] = ("concept", tally.label_area.cpu().numpy() / max(n_report, 1))
     ds.attrs.update(
         {
             "layer": layer,
@@ -440,8 +440,8 @@ def gandissect(
         values, indices = top.result()
         ds["top_index"] = (("unit", "rank"), indices.cpu().numpy())
         ds["top_value"] = (("unit", "rank"), values.float().cpu().numpy())
-        if thumbnail:
-            _add_galleries(generator, layer, ds, report_seed, n_report, thumbnail, device)
+        if kept is not None:
+            kept.add_to(ds)
     return ds
 
 
@@ -451,33 +451,49 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _add_galleries(
-    generator: nn.Module,
-    layer: str,
-    ds: xr.Dataset,
-    seed: int,
-    n: int,
-    size: int,
-    device: torch.device,
-) -> None:
-    """Regenerate each unit's top images (z is a function of the seed) with their masks."""
-    import torch.nn.functional as F
+class _GalleryImages:
+    """Thumbnails and feature maps of the report sample's current top images, kept
+    as the report pass goes (so the galleries need no second generator pass)."""
 
-    top = ds["top_index"].values
-    wanted = np.unique(top[top >= 0])
-    z = sample_z(generator, n, seed)[torch.as_tensor(wanted)].to(device)
-    b = generate(generator, layer, z)
-    row = {int(p): i for i, p in enumerate(wanted)}
-    thumbs = F.interpolate(b.images.float().clamp(0, 1), size=(size, size), mode="nearest")
-    thumbs = (thumbs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    units, ranks = top.shape
-    images = np.zeros((units, ranks, size, size, 3), dtype=np.uint8)
-    masks = np.zeros((units, ranks, size, size), dtype=bool)
-    image_size = tuple(b.images.shape[-2:])
-    for u in range(units):
-        which = [row[int(i)] for i in top[u]]
-        up = upsample(b.features[which, u : u + 1].float(), (size, size), image_size)[:, 0]
-        masks[u] = (up > float(ds["threshold"].values[u])).cpu().numpy()
-        images[u] = thumbs[which]
-    ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), images)
-    ds["top_mask"] = (("unit", "rank", "y", "x"), masks)
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.thumbs: dict[int, torch.Tensor] = {}
+        self.features: dict[int, torch.Tensor] = {}
+        self.image_size: tuple[int, int] = (size, size)
+
+    def update(self, start: int, batch: GeneratedBatch, top_index: torch.Tensor) -> None:
+        """Keep the images of ``batch`` (sample offset ``start``) that are now among the
+        top ones, and forget those that dropped out."""
+        wanted = set(top_index.flatten().tolist())
+        for i in [i for i in self.thumbs if i not in wanted]:
+            del self.thumbs[i], self.features[i]
+        new = sorted(i for i in wanted if start <= i < start + len(batch.z))
+        if not new:
+            return
+        rows = torch.as_tensor(new, device=batch.images.device) - start
+        images = batch.images.index_select(0, rows).float().clamp(0, 1)
+        thumbs = F.interpolate(images, size=(self.size, self.size), mode="nearest")
+        thumbs = (thumbs * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        features = batch.features.index_select(0, rows)
+        for j, i in enumerate(new):
+            self.thumbs[i], self.features[i] = thumbs[j], features[j]
+        self.image_size = tuple(batch.images.shape[-2:])
+
+    def add_to(self, ds: xr.Dataset) -> None:
+        """Add ``top_image`` and ``top_mask`` (each unit's map at its ``threshold``) to ``ds``."""
+        top = torch.as_tensor(ds["top_index"].values)
+        units, ranks = top.shape
+        order = sorted(self.thumbs)
+        row = {i: j for j, i in enumerate(order)}
+        pick = torch.as_tensor([row[int(i)] for i in top.flatten().tolist()], dtype=torch.long)
+        thumbs = torch.stack([self.thumbs[i] for i in order]).cpu()
+        features = torch.stack([self.features[i] for i in order])
+        pick = pick.to(features.device)
+        unit = torch.arange(units, device=features.device).repeat_interleave(ranks)
+        maps = features[pick, unit][:, None].float()  # [units * ranks, 1, h, w]
+        up = upsample(maps, (self.size, self.size), self.image_size)
+        thr = torch.as_tensor(ds["threshold"].values, device=up.device)
+        masks = up.view(units, ranks, self.size, self.size) > thr.view(-1, 1, 1, 1)
+        images = thumbs[pick.cpu()].view(units, ranks, self.size, self.size, 3)
+        ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), images.numpy())
+        ds["top_mask"] = (("unit", "rank", "y", "x"), masks.cpu().numpy())
