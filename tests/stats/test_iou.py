@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from unittest import mock
@@ -119,6 +120,44 @@ def test_torch_only_paths_match_brute_force(chunk_bytes, method, **case):
     np.testing.assert_array_equal(stat.intersection(), inter)
     np.testing.assert_array_equal(stat.label_area(), label_area)
     np.testing.assert_array_equal(stat.unit_area(), unit_area)
+
+
+@settings(max_examples=50, deadline=None)
+@given(torch_only=st.booleans(), **case_args)
+def test_update_on_entries_matches_brute_force(torch_only, **case):
+    """Tallies from the on entries (image, unit, pixel) equal those of the dense masks."""
+    table, masks, labels, image_labels = random_case(**case)
+    k = case["num_categories"]
+    w = case["w"]
+    image, unit, y, x = np.nonzero(masks)
+    order = np.random.default_rng(case["seed"]).permutation(len(image))  # any order
+    stat = IoU(case["u"], table, categories=[f"cat{i}" for i in range(k)])
+    with (
+        mock.patch("nethook.stats.iou._numpy_view", return_value=None)
+        if torch_only
+        else (contextlib.nullcontext())
+    ):
+        stat.update_on(image[order], unit[order], (y * w + x)[order], labels, image_labels)
+    inter, label_area, unit_area, iou = brute_force(masks, labels, image_labels, table, k)
+    np.testing.assert_array_equal(stat.intersection(), inter)
+    np.testing.assert_array_equal(stat.label_area(), label_area)
+    np.testing.assert_array_equal(stat.unit_area(), unit_area)
+    np.testing.assert_array_equal(stat.unit_area_total(), masks.sum((0, 2, 3)))
+    np.testing.assert_allclose(stat.iou(), iou, rtol=0, atol=1e-15)
+    dense = IoU(case["u"], table, categories=[f"cat{i}" for i in range(k)])
+    dense.update(torch.from_numpy(masks), labels, image_labels)
+    assert states_equal(stat.state_dict(), dense.state_dict())
+
+
+def test_update_on_names_bad_entries():
+    stat = IoU(2, np.array([-1, 0, 0]))
+    labels = np.zeros((1, 2, 3), np.int64)
+    with pytest.raises(ValueError, match=r"unit indices must lie in 0..1, got 0..2"):
+        stat.update_on([0, 0], [0, 2], [1, 1], labels)
+    with pytest.raises(ValueError, match=r"pixel indices must lie in 0..5"):
+        stat.update_on([0], [0], [6], labels)
+    with pytest.raises(ValueError, match="one length"):
+        stat.update_on([0], [0, 1], [1], labels)
 
 
 @settings(max_examples=30, deadline=None)
