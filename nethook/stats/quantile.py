@@ -113,23 +113,247 @@ def _sort_rows(a: Array) -> Array:
     return torch.sort(a, dim=1).values
 
 
-def _top_rows(a: Array, m: int) -> Array:
-    """The ``m`` largest items of every row (NaN counting as largest), any order."""
+def _count_at_most(a: Array, v: Array, rows: np.ndarray | None = None) -> Array:
+    """Per row of row-sorted ``a`` ``[C, n]``: how many items are ``<= v[c, j]`` (``[C, K]``).
+
+    With ``rows`` (numpy only), ``v`` is flat and query ``i`` searches row ``rows[i]``.
+    NaN items (sorted last) never count. numpy has no batched searchsorted, so the
+    numpy path runs one branchless bisection for all rows and queries at once:
+    ``ceil(log2 n)`` vectorized steps of a gather and a compare.
+    """
     n = a.shape[1]
-    if m >= n:
+    if not _is_np(a):
+        return _torch_search(a, v, right=True)
+    if n == 0:
+        return np.zeros(v.shape, np.int64)
+    flat = a.reshape(-1)
+    if rows is None:
+        start = np.broadcast_to((np.arange(a.shape[0], dtype=np.int64) * n)[:, None], v.shape)
+    else:
+        start = rows * n
+    base = start.copy()
+    size = n
+    while size > 1:
+        half = size // 2
+        base += half * (flat[base + half] <= v)
+        size -= half
+    return base - start + (flat[base] <= v)
+
+
+def _torch_search(a: torch.Tensor, v: torch.Tensor, right: bool) -> torch.Tensor:
+    """``torch.searchsorted`` per row, with NaN items never counted.
+
+    torch's bisection counts NaN items as below every value, so they are searched
+    as ``+inf`` and taken off again where a query is ``+inf``.
+    """
+    nan = torch.isnan(a)
+    if not bool(nan.any()):
+        return torch.searchsorted(a.contiguous(), v.contiguous(), right=right)
+    counts = torch.searchsorted(a.masked_fill(nan, np.inf), v.contiguous(), right=right)
+    if not right:
+        return counts
+    return counts - torch.where(v == np.inf, nan.sum(1, keepdim=True), 0)
+
+
+def _count_below(a: Array, v: Array) -> Array:
+    """Per row of row-sorted ``a``: how many items are ``< v[c, j]`` (NaN items never)."""
+    if not _is_np(a):
+        return _torch_search(a, v, right=False)
+    below = _count_at_most(a, np.nextafter(v, -np.inf).astype(a.dtype))
+    return np.where(v == -np.inf, 0, below)
+
+
+def _merge_sorted(a: Array, b: Array) -> Array:
+    """Merge two row-sorted ``[C, n]`` arrays into one (``b`` the shorter).
+
+    numpy: each item of ``b`` finds its place in ``a`` by bisection, and a boolean
+    mask scatters both arrays into the output: linear in ``a`` instead of a sort
+    (a small piece merged into a large level costs a copy of the level).
+    """
+    if not a.shape[1]:
+        return b
+    if not b.shape[1]:
         return a
-    if m <= 0:
-        return a[:, :0].copy() if _is_np(a) else a[:, :0].clone()
-    if _is_np(a):
-        return np.partition(a, n - m, axis=1)[:, n - m :]
-    return torch.sort(a, dim=1).values[:, n - m :]
+    if not _is_np(a):
+        return torch.sort(torch.cat([a, b], dim=1), dim=1).values
+    if b.shape[1] * 4 > a.shape[1] or np.isnan(b[:, -1]).any():
+        return np.sort(np.concatenate([a, b], axis=1), axis=1)
+    rows, n, m = a.shape[0], a.shape[1], b.shape[1]
+    place = _count_at_most(a, b) + np.arange(m) + (np.arange(rows) * (n + m))[:, None]
+    from_b = np.zeros(rows * (n + m), bool)
+    from_b[place.ravel()] = True
+    out = np.empty(rows * (n + m), a.dtype)
+    out[from_b] = b.ravel()
+    out[~from_b] = a.ravel()
+    return out.reshape(rows, n + m)
 
 
-def _count_at_least(a: Array, t: Array) -> Array:
-    """Per row: how many items are ``>= t[row]`` or NaN (``[C]``, int64)."""
-    if _is_np(a):
-        return np.count_nonzero((a >= t[:, None]) | np.isnan(a), axis=1)
-    return ((a >= t[:, None]) | torch.isnan(a)).sum(1)
+_WINDOW_MARGIN = 2.0  # windows cover this many times the weight between pivot and target
+_WINDOW_SLACK = 4  # plus this many items per level
+_WINDOW_MAX = 1024  # items per query; larger windows go to the sorting fallback
+_WINDOW_ROUNDS = 6  # pivots tried (windows 4x wider each time) before falling back to sorting
+_WINDOW_FAR = 24  # expected items between pivot and target above which the pivot moves first
+
+
+def _select_in_levels(
+    levels: list[tuple[int, np.ndarray]], need: np.ndarray, total: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted selection across row-sorted levels without merging them.
+
+    For target weights ``need`` ``[C, Q]`` (ints in ``[1, total]``) returns the
+    smallest item ``v`` per query with ``W(v) >= need``, where ``W(v)`` is the
+    weight of the items ``<= v``, and a mask of the answers it could certify.
+
+    1. A pivot per query: the item of the heaviest level at the target's share.
+    2. Exact ``W`` just below and at the pivot by bisection in every level (one
+       vectorized search; this is the only part that grows with ``log n``). If
+       the target falls on the pivot, done.
+    3. Otherwise a window of items on the target's side of the pivot, per level
+       ``~ 2 |need - W| n_h / total + 4`` items (what the gap holds when the levels
+       mix alike), is gathered and sorted per query (tens of items), and
+       cumulative weights from the exact count below the windows pick the answer.
+
+    An answer is certified when the windows hold every item between a value
+    ``a`` (the largest item left below some window) with ``W(a) < need`` and a
+    value ``b`` (the smallest item left above some window) with the answer
+    ``<= b``: then every count used is exact. Rows with NaN items must not come
+    here (NaN breaks the pivot's ordering); the caller sorts those instead.
+    """
+    sizes = [a.shape[1] for _, a in levels]
+    g = int(np.argmax([a.shape[1] << h for h, a in levels]))
+    target = need.ravel()
+    row = np.repeat(np.arange(need.shape[0]), need.shape[1])
+    at = np.clip(-(-target * sizes[g] // total) - 1, 0, sizes[g] - 1)
+    pivot = levels[g][1].reshape(-1)[row * sizes[g] + at]
+    out = np.zeros(target.size, pivot.dtype)
+    ok = np.zeros(target.size, bool)
+    sel = np.arange(target.size)
+    margin = _WINDOW_MARGIN
+    for _ in range(_WINDOW_ROUNDS):
+        step_below = np.nextafter(pivot, -np.inf).astype(pivot.dtype)
+        at_most = [_count_at_most(a, pivot, row[sel]) for _, a in levels]
+        below = [
+            np.where(pivot == -np.inf, 0, _count_at_most(a, step_below, row[sel]))
+            for _, a in levels
+        ]
+        w_at_most = sum(c << h for (h, _), c in zip(levels, at_most, strict=True))
+        w_below = sum(c << h for (h, _), c in zip(levels, below, strict=True))
+        hit = (w_below < target[sel]) & (target[sel] <= w_at_most)
+        out[sel[hit]] = pivot[hit]
+        ok[sel[hit]] = True
+        off = np.flatnonzero(~hit)
+        if not off.size:
+            break
+        # Far from the target: move the pivot along level g by the gap's share first.
+        up = w_at_most[off] < target[sel[off]]
+        gap = np.where(up, target[sel[off]] - w_at_most[off], w_below[off] - target[sel[off]])
+        far = gap * (sum(sizes) / total) > _WINDOW_FAR
+        step = np.ceil(gap * sizes[g] / total).astype(np.int64)
+        moved = np.clip(np.where(up, at_most[g][off] + step, below[g][off] - step), 0, sizes[g] - 1)
+        moved = levels[g][1].reshape(-1)[row[sel[off]] * sizes[g] + moved]
+        near = off[~far]
+        answer, good, retry = _window_answers(
+            levels,
+            total,
+            row[sel[near]],
+            target[sel[near]],
+            w_at_most[near],
+            w_below[near],
+            [c[near] for c in at_most],
+            [c[near] for c in below],
+            margin,
+        )
+        out[sel[near[good]]] = answer[good]
+        ok[sel[near[good]]] = True
+        sel, pivot = (
+            np.concatenate([sel[near[~good]], sel[off[far]]]),
+            np.concatenate([retry[~good], moved[far]]),
+        )
+        margin *= 4
+    return out.reshape(need.shape), ok.reshape(need.shape)
+
+
+def _window_answers(
+    levels: list[tuple[int, np.ndarray]],
+    total: int,
+    row: np.ndarray,
+    target: np.ndarray,
+    w_at_most: np.ndarray,
+    w_below: np.ndarray,
+    at_most: list[np.ndarray],
+    below: list[np.ndarray],
+    margin: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 3 of :func:`_select_in_levels` for queries (flat, on ``row``) off their pivot.
+
+    Returns the answers, which of them are certified, and for the others a
+    stored item to try as the next pivot. Queries are merged in groups of
+    similar window size, so one wide window does not widen all the others.
+    """
+    up = w_at_most < target
+    gap = np.where(up, target - w_at_most, w_below - target + 1)
+    lo, hi = [], []
+    for (_, a), c_le, c_lt in zip(levels, at_most, below, strict=True):
+        n = a.shape[1]
+        reach = np.minimum(np.ceil(margin * gap * n / total) + _WINDOW_SLACK, n).astype(np.int64)
+        lo.append(np.where(up, c_le, np.maximum(c_lt - reach, 0)))
+        hi.append(np.where(up, np.minimum(c_le + reach, n), c_lt))
+    size = sum(b - a for a, b in zip(lo, hi, strict=True))
+    answer = np.zeros(target.size, levels[0][1].dtype)
+    good = np.zeros(target.size, bool)
+    retry = answer.copy()
+    smaller = 0
+    for limit in (_WINDOW_MAX // 16, _WINDOW_MAX // 4, _WINDOW_MAX):
+        group = np.flatnonzero((size > smaller) & (size <= limit))
+        smaller = limit
+        if group.size:
+            found = _merge_windows(
+                levels, row[group], target[group], [a[group] for a in lo], [b[group] for b in hi]
+            )
+            answer[group], good[group], retry[group] = found
+    return answer, good, retry
+
+
+def _merge_windows(
+    levels: list[tuple[int, np.ndarray]],
+    row: np.ndarray,
+    target: np.ndarray,
+    lo: list[np.ndarray],
+    hi: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort the items of windows ``[lo_h, hi_h)`` per query and pick the target's.
+
+    Returns the answers, whether each is certified (see :func:`_select_in_levels`),
+    and a pivot to retry with: the lower cut if the windows stopped too high, else
+    the answer found or the upper cut (ties at the answer become pivots, which the
+    exact counts of step 2 settle).
+    """
+    values, mass = [], []
+    cut_lo = np.full(row.size, -np.inf)
+    cut_hi = np.full(row.size, np.inf)
+    base = np.zeros(row.size, np.int64)
+    for (h, a), start, stop in zip(levels, lo, hi, strict=True):
+        n, flat, first = a.shape[1], a.reshape(-1), row * a.shape[1]
+        index = start[:, None] + np.arange(int((stop - start).max()))
+        inside = index < stop[:, None]
+        values.append(np.where(inside, flat[first[:, None] + np.minimum(index, n - 1)], np.inf))
+        mass.append(inside << h)
+        edge = flat[first + np.maximum(start - 1, 0)]
+        cut_lo = np.where(start > 0, np.maximum(cut_lo, edge), cut_lo)
+        edge = flat[first + np.minimum(stop, n - 1)]
+        cut_hi = np.where(stop < n, np.minimum(cut_hi, edge), cut_hi)
+        base += start << h
+    values, mass = np.concatenate(values, 1), np.concatenate(mass, 1)
+    order = np.argsort(values, axis=1)
+    ranked = np.take_along_axis(values, order, 1)
+    cum = base[:, None] + np.cumsum(np.take_along_axis(mass, order, 1), axis=1)
+    reached = cum >= target[:, None]
+    found = ranked[np.arange(row.size), np.argmax(reached, axis=1)]
+    w_cut = base + (mass * (values <= cut_lo[:, None])).sum(1)
+    good = reached[:, -1] & (found <= cut_hi) & (w_cut < target) & (cut_lo < cut_hi)
+    stored = np.where(reached[:, -1], found, np.where(cut_hi < np.inf, cut_hi, found))
+    retry = np.where((w_cut >= target) & (cut_lo > -np.inf), cut_lo, stored)
+    return found, good, retry
 
 
 def _select_at_least(rows: Array, t: Array, nan: bool = True) -> Array:
@@ -265,14 +489,17 @@ class _SortedView:
 
 
 class _Levels:
-    """KLL-style compactor levels shared by all channels (every row has equal length).
+    """KLL-style compactor levels shared by all channels, each kept sorted per row.
 
-    Level ``h`` holds items of weight ``2**h`` as a list of ``[C, n]`` pieces in no
-    particular order (pieces avoid re-copying a level on every append). When the
-    stack holds more than its budget, the lowest level at or over its capacity
-    ``cap_h`` is compacted in chunks of ``cap_h`` items: each chunk is sorted in
-    place and every other item (random offset, per row and chunk) moves up.
-    Capacities follow KLL: ``cap_h = max(k_min, k * c**(H-1-h))``, ``c = 2/3``.
+    Level ``h`` holds items of weight ``2**h`` as one ``[C, n_h]`` array sorted along
+    every row (every row has the same length). New items arrive as sorted pieces and
+    are merged in before the update returns, so readouts can search levels directly.
+    When the stack holds more than its budget, the lowest level at or over its
+    capacity ``cap_h`` is compacted in chunks of ``cap_h`` consecutive (sorted)
+    items: from each chunk every other item (random offset, per row and chunk)
+    moves up. Capacities follow KLL: ``cap_h = max(k_min, k * c**(H-1-h))``,
+    ``c = 2/3``. Everything depends only on each level's items, never on their
+    order of arrival, which keeps results deterministic however updates are split.
     """
 
     def __init__(self, k: int, k_min: int, seed: int, stream: int):
@@ -319,19 +546,29 @@ class _Levels:
         return float(sum(m * 4.0**h for h, m in enumerate(self.compactions)))
 
     def level(self, h: int) -> Array:
-        """Level ``h`` as one ``[C, n_h]`` array (its pieces joined once)."""
-        if len(self.pieces[h]) != 1:
-            self.pieces[h] = [_cat(self.pieces[h])]
-        return self.pieces[h][0]
+        """Level ``h`` as one row-sorted ``[C, n_h]`` array (its pieces merged once)."""
+        pieces = self.pieces[h]
+        while len(pieces) > 1:
+            pieces.sort(key=lambda p: p.shape[1])
+            pieces[:2] = [_merge_sorted(pieces[0], pieces[1])]
+        return pieces[0]
+
+    def sorted_levels(self) -> list[tuple[int, Array]]:
+        """``(h, level)`` for every non-empty level."""
+        levels = [(h, self.level(h)) for h in range(len(self.pieces))]
+        return [(h, a) for h, a in levels if a.shape[1]]
 
     # growth ----------------------------------------------------------------
-    def extend(self, items: Array, level: int = 0) -> None:
-        """Add ``[C, m]`` items (owned by the stack from now on) at ``level``."""
+    def extend(self, items: Array, level: int = 0, presorted: bool = False) -> None:
+        """Add ``[C, m]`` items (owned by the stack from now on) at ``level``.
+
+        Unless ``presorted`` (rows already ascending), the items are sorted here.
+        """
         while len(self.pieces) <= level:
             self.pieces.append([_empty_like_rows(items)])
             self.compactions.append(0)
         if items.shape[1]:
-            self.pieces[level].append(items)
+            self.pieces[level].append(items if presorted else _sort_rows(items))
 
     def extend_compacted(self, a: np.ndarray) -> None:
         """Add a ``[B, C]`` numpy batch, compacting its full chunks on the fly.
@@ -371,75 +608,111 @@ class _Levels:
         """Add every level of ``other`` (a copy) to this stack (merge; no compaction)."""
         for h, pieces in enumerate(other.pieces):
             for piece in pieces:
-                self.extend(piece, h)
+                self.extend(piece, h, presorted=True)
             self.compactions[h] += other.compactions[h]
 
     def compress(self) -> None:
-        """Compact until the stack fits its budget."""
+        """Compact until the stack fits its budget; leave every level merged."""
         while self.size() > self.budget():
             for h in range(len(self.pieces)):
                 if self.level_size(h) >= self.capacity(h):
                     self._compact(h)
                     break
+        for h in range(len(self.pieces)):
+            self.level(h)
 
     def _compact(self, h: int) -> None:
-        """Compact every full chunk of level ``h``; the remainder stays."""
-        cap = self.capacity(h)
-        rest = []
-        for piece in self.pieces[h]:
-            chunks = piece.shape[1] // cap
-            if chunks:
-                self._compact_chunks(h, piece[:, : chunks * cap], cap)
-            rest.append(piece[:, chunks * cap :])
-        left = _cat(rest)
-        self.pieces[h] = [left.copy() if _is_np(left) else left.clone()]
-        if left.shape[1] >= cap:
-            self._compact(h)
+        """Compact level ``h`` whole (KLL): keep every other item of the sorted level.
 
-    def _compact_chunks(self, h: int, items: Array, cap: int) -> None:
-        rows, used = items.shape
-        chunks = used // cap
-        block = items.reshape(rows, chunks, cap)
-        if _is_np(block):
-            block.sort(axis=2)
-        else:
-            block = torch.sort(block, dim=2).values
-        rng = _compaction_rng(self.seed, self.stream, h, self.compactions[h], block[0, 0, :16])
-        bits = rng.integers(0, 2, size=(rows, chunks, 1), dtype=np.int64).astype(bool)
-        pairs = block.reshape(rows, chunks, cap // 2, 2)
-        if _is_np(block):
+        One random offset per row; an odd item out (the largest) stays. Compacting
+        the whole level, rather than chunks of it, keeps every level a sample of
+        the whole value range (chunks from the bottom would leave the largest
+        items behind at low levels).
+        """
+        items = self.level(h)
+        used = items.shape[1] - items.shape[1] % 2
+        rest = items[:, used:]
+        self.pieces[h] = [rest.copy() if _is_np(rest) else rest.clone()]
+        rows = items.shape[0]
+        rng = _compaction_rng(self.seed, self.stream, h, self.compactions[h], items[0, :16])
+        bits = rng.integers(0, 2, size=(rows, 1), dtype=np.int64).astype(bool)
+        pairs = items[:, :used].reshape(rows, used // 2, 2)
+        if _is_np(items):
             kept = np.where(bits, pairs[..., 1], pairs[..., 0])
         else:
-            bits_t = torch.from_numpy(bits).to(block.device)
-            kept = torch.where(bits_t, pairs[..., 1], pairs[..., 0])
-        self.compactions[h] += chunks
-        self.extend(kept.reshape(rows, chunks * cap // 2), h + 1)
+            kept = torch.where(
+                torch.from_numpy(bits).to(items.device), pairs[..., 1], pairs[..., 0]
+            )
+        self.compactions[h] += 1
+        self.extend(kept, h + 1, presorted=True)
 
     def prune(self, t: Array) -> None:
         """Drop items below ``t[row]`` where every row can (lengths stay equal)."""
         for h in range(len(self.pieces)):
             a = self.level(h)
             if a.shape[1]:
-                keep = int(_count_at_least(a, t).max())
+                keep = a.shape[1] - int(_numpy(_count_below(a, t[:, None])).min())
                 if keep < a.shape[1]:
-                    self.pieces[h] = [_top_rows(a, keep)]
+                    rest = a[:, a.shape[1] - keep :]
+                    self.pieces[h] = [rest.copy() if _is_np(rest) else rest.clone()]
 
     # readout ---------------------------------------------------------------
-    def items(self) -> tuple[Array, np.ndarray]:
-        """All items ``[C, n]`` and their level ids ``[n]`` (shared by all rows)."""
+    def weight_below(self, t: Array) -> np.ndarray:
+        """Per row: total weight of the items ``< t[row]`` (``[C]``, float64)."""
+        total = np.zeros(t.shape[0])
+        for h, a in self.sorted_levels():
+            total += _numpy(_count_below(a, t[:, None]))[:, 0] * 2.0**h
+        return total
+
+    def weight_at_most(self, v: Array) -> np.ndarray:
+        """Per row and query: total weight of items ``<= v`` (``v`` is ``[C, Q]``)."""
+        total = np.zeros(tuple(v.shape))
+        for h, a in self.sorted_levels():
+            total += _numpy(_count_at_most(a, v)) * 2.0**h
+        return total
+
+    def select(self, r: np.ndarray, exact_rows: np.ndarray) -> np.ndarray:
+        """``[C, Q]``: per row, the smallest item whose estimated count reaches ``r``.
+
+        The estimated count of a value is the weight of the items ``<= it`` (NaN
+        items count as the largest); targets are rounded up and clipped to
+        ``[1, weight]``. On numpy, the sorted levels are searched without merging
+        them (see :func:`_select_in_levels`); rows flagged in ``exact_rows``
+        (those holding NaN), answers that search cannot certify, and torch
+        tensors go through one sort of the whole rows (:meth:`sorted_view`).
+        """
+        total = self.weight()
+        need = np.clip(np.ceil(np.clip(r, 0, None)), 1, max(total, 1)).astype(np.int64)
+        levels = self.sorted_levels()
+        if not levels:
+            return np.full(need.shape, np.nan)
+        if not _is_np(levels[0][1]):
+            view = self.sorted_view()
+            return view.take(view.first_at_least(need))
+        out, ok = _select_in_levels(levels, need, total)
+        rows = np.flatnonzero(exact_rows | ~ok.all(1))
+        if rows.size:
+            view = self.sorted_view(rows)
+            out[rows] = view.take(view.first_at_least(need[rows]))
+        return out
+
+    def items(self, rows: np.ndarray | None = None) -> tuple[Array, np.ndarray]:
+        """All items ``[C, n]`` (or of ``rows`` only) and their level ids ``[n]``."""
         levels = [self.level(h) for h in range(len(self.pieces))]
+        if rows is not None:
+            levels = [a[rows] for a in levels]
         ids = np.concatenate([np.full(a.shape[1], h, np.int64) for h, a in enumerate(levels)])
         return _cat(levels), ids
 
-    def sorted_view(self) -> _SortedView:
-        """Per row: the items in ascending order and the cumulative weight up to each."""
-        values, ids = self.items()
+    def sorted_view(self, rows: np.ndarray | None = None) -> _SortedView:
+        """Per row (of ``rows``): all items in ascending order and their cumulative weight."""
+        values, ids = self.items(rows)
         weights = 2 ** np.arange(max(1, len(self.pieces)), dtype=np.int64)
         if not _is_np(values):
             order = torch.argsort(values, dim=1)
             w = torch.from_numpy(weights[ids]).to(values.device)
             return _SortedView(torch.gather(values, 1, order), torch.cumsum(w[order], dim=1))
-        rows, n = values.shape
+        count, n = values.shape
         span = self.weight() + 1
         if values.dtype == np.float32:
             # Pack the level id into low float64 mantissa bits that float32 values
@@ -461,31 +734,8 @@ class _Levels:
             packed = False
         # Offset row c by c * span, so all rows form one increasing array that a
         # single searchsorted call can search (numpy has no batched searchsorted).
-        w[:, 0] += np.arange(rows, dtype=np.int64) * span
+        w[:, 0] += np.arange(count, dtype=np.int64) * span
         return _SortedView(keys, np.cumsum(w, axis=1, out=w), span, packed)
-
-    def weight_below(self, t: Array) -> np.ndarray:
-        """Per row: total weight of the items ``< t[row]`` (``[C]``, float64)."""
-        total = np.zeros(t.shape[0])
-        for h in range(len(self.pieces)):
-            below = self.level(h) < t[:, None]
-            count = np.count_nonzero(below, axis=1) if _is_np(below) else _numpy(below.sum(1))
-            total += count * 2.0**h
-        return total
-
-    def weight_at_most(self, v: Array) -> np.ndarray:
-        """Per row and query: total weight of items ``<= v`` (``v`` is ``[C, Q]``)."""
-        total = np.zeros(tuple(v.shape))
-        for h in range(len(self.pieces)):
-            level = self.level(h)
-            for j in range(v.shape[1]):
-                at_most = level <= v[:, j : j + 1]
-                if _is_np(at_most):
-                    count = np.count_nonzero(at_most, axis=1)
-                else:
-                    count = _numpy(at_most.sum(1))
-                total[:, j] += count * 2.0**h
-        return total
 
     # persistence -----------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -496,14 +746,17 @@ class _Levels:
             "compactions": np.array(self.compactions, np.int64),
         }
 
-    def load(self, sd: dict[str, Any], device: torch.device) -> None:
+    def load(self, sd: dict[str, Any], device: torch.device, presorted: bool) -> None:
+        """Restore :meth:`state`; ``presorted=False`` for states whose levels may be unsorted."""
         items = np.asarray(sd["items"])
         sizes = np.asarray(sd["sizes"], np.int64)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
-        self.pieces = [
-            [_to_device(np.array(items[:, bounds[h] : bounds[h + 1]]), device)]
-            for h in range(len(sizes))
-        ]
+        self.pieces = []
+        for h in range(len(sizes)):
+            level = np.array(items[:, bounds[h] : bounds[h + 1]])
+            if not presorted:
+                level.sort(axis=1)
+            self.pieces.append([_to_device(level, device)])
         self.compactions = [int(m) for m in np.asarray(sd["compactions"])]
 
     def to(self, device: torch.device) -> None:
@@ -546,7 +799,7 @@ class Quantile(Stat):
         k_min: smallest level capacity.
     """
 
-    version = 1
+    version = 2  # 2: every level's rows are stored sorted (1: in arrival order)
 
     def __init__(
         self,
@@ -675,7 +928,7 @@ class Quantile(Stat):
         raw = self._body.level(0)
         valid = _numpy(self.count - self._nan)
         index = np.clip(np.floor((1.0 - self.tail) * valid).astype(np.int64), 0, raw.shape[1] - 1)
-        ordered = _numpy(_sort_rows(raw))
+        ordered = _numpy(raw)
         t = np.take_along_axis(ordered, index[:, None], 1)[:, 0]
         self._threshold = _to_device(
             np.where(valid > 0, t, np.inf).astype(ordered.dtype), self._device
@@ -689,10 +942,9 @@ class Quantile(Stat):
         self._raised_at = self.count
         if not self._tail.size():
             return
-        view = self._tail.sorted_view()
         # Tail items' estimated count <= them is N - W_tail + (their cumulative weight).
         target = (1.0 - self.tail) * self._valid() - self.count + self._tail.weight()
-        new = view.take(view.first_at_least(target[:, None]))[:, 0]
+        new = self._tail.select(target[:, None], self._nan_rows())[:, 0]
         new = np.where(np.isnan(new), -np.inf, new).astype(_numpy(self._threshold).dtype)
         self._threshold = _to_device(np.maximum(_numpy(self._threshold), new), self._device)
         self._tail.prune(self._threshold)
@@ -751,12 +1003,9 @@ class Quantile(Stat):
     def _valid(self) -> np.ndarray:
         return (self.count - _numpy(self._nan)).astype(np.float64)
 
-    def _view(self, name: str) -> _SortedView:
-        """The sorted view of the ``"body"`` or ``"tail"`` stack, cached until changed."""
-        if name not in self._cache:
-            stack = self._body if name == "body" else self._tail
-            self._cache[name] = stack.sorted_view()
-        return self._cache[name]
+    def _nan_rows(self) -> np.ndarray:
+        """``[C]`` mask of the channels that hold NaN items (their readouts sort)."""
+        return _numpy(self._nan) > 0
 
     def _tail_region(self, r: np.ndarray) -> np.ndarray:
         """``[C, Q]`` mask of the target counts ``r`` that the tail stack answers."""
@@ -771,21 +1020,23 @@ class Quantile(Stat):
     def _answers(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[C, Q]`` quantile answers and a mask of those the tail stack gave.
 
-        Each stack's sorted view is built only if some answer needs it, so tail
-        quantiles (dissection thresholds) never sort the larger body.
+        Each stack answers only the columns (quantiles) where some channel needs
+        it, so tail quantiles (dissection thresholds) never search the body.
         """
         valid = self._valid()
         r = q[None, :] * valid[:, None]
         region = self._tail_region(r)
         inner = (q > 0) & (q < 1)
         out = np.zeros(r.shape)
-        if (~region & inner).any():
-            body = self._view("body")
-            out = body.take(body.first_at_least(r))
-        if (region & inner).any():
-            tail = self._view("tail")
+        exact = self._nan_rows()
+        body = np.flatnonzero((~region & inner).any(0))
+        if body.size:
+            out[:, body] = self._body.select(r[:, body], exact)
+        tail = np.flatnonzero((region & inner).any(0))
+        if tail.size:
             shift = float(self.count - self._tail.weight())
-            out = np.where(region, tail.take(tail.first_at_least(r - shift)), out)
+            answers = self._tail.select(r[:, tail] - shift, exact)
+            out[:, tail] = np.where(region[:, tail], answers, out[:, tail])
         lo, hi = _numpy(self._min)[:, None], _numpy(self._max)[:, None]
         out = np.where(np.isnan(out), hi, out)  # NaN items sort above every value
         out = np.minimum(np.maximum(out, lo), hi)
@@ -965,8 +1216,9 @@ class Quantile(Stat):
         for name in ("threshold", "min", "max"):
             setattr(self, "_" + name, _to_device(np.array(sd[name], copy=True), device))
         self._nan = _to_device(np.array(sd["nan_count"], np.int64), device)
-        self._body.load(sd["body"], device)
-        self._tail.load(sd["tail_levels"], device)
+        presorted = int(np.asarray(sd["version"])) >= 2  # version 1 kept levels unsorted
+        self._body.load(sd["body"], device, presorted)
+        self._tail.load(sd["tail_levels"], device, presorted)
 
     def to(self, device: torch.device | str) -> Quantile:
         """Move the state to ``device`` (numpy arrays on CPU, torch tensors elsewhere)."""
