@@ -214,8 +214,8 @@ class StoreWriter:
                 "chunk_samples": chunk_samples,
                 "compressor": compressor,
             }
-            if block_samples is not None:
-                wanted["block_samples"] = block_samples
+            if block_samples is not None:  # clamped to the samples, as the store does
+                wanted["block_samples"] = min(int(block_samples), self.samples)
             check_identity(self.path, have, wanted)
             with contextlib.suppress(StoreError):
                 self.store = ActivationStore.open(self.path, "r+", storage_options)

@@ -186,7 +186,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
     from nethook.stats import iou as iou_module
 
     _, reference, _ = dissected
-    real_update = iou_module.IoU.update
+    real_update = iou_module.IoU.update_on  # the CPU path tallies the masks' on entries
     calls = {"n": 0}
 
     def flaky(self, *args, **kwargs):
@@ -195,7 +195,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
             raise KeyboardInterrupt("killed")
         return real_update(self, *args, **kwargs)
 
-    monkeypatch.setattr(iou_module.IoU, "update", flaky)
+    monkeypatch.setattr(iou_module.IoU, "update_on", flaky)
     kwargs = dict(
         out=tmp_path,
         batch_size=7,
@@ -207,7 +207,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
     with pytest.raises(KeyboardInterrupt):
         dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     assert (tmp_path / "checkpoints" / "pass2.npz").exists()
-    monkeypatch.setattr(iou_module.IoU, "update", real_update)
+    monkeypatch.setattr(iou_module.IoU, "update_on", real_update)
     resumed = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     for layer in ("1", "2"):
         np.testing.assert_array_equal(resumed[layer]["iou"].values, reference[layer]["iou"].values)
@@ -249,10 +249,10 @@ def test_store_and_recompute_paths_agree() -> None:
     """float32 store: identical to recomputing; float16: same labels, IoU within 1e-3."""
     kwargs = dict(batch_size=7, topk=3, progress=False)
     again = dissect(planted_model(), ["1", "2"], Planted(), pass2="recompute", **kwargs)
-    exact = dissect(
-        planted_model(), ["1", "2"], Planted(), pass2="store", store_dtype="float32", **kwargs
+    exact = dissect(planted_model(), ["1", "2"], Planted(), pass2="store", **kwargs)
+    half = dissect(
+        planted_model(), ["1", "2"], Planted(), pass2="store", store_dtype="float16", **kwargs
     )
-    half = dissect(planted_model(), ["1", "2"], Planted(), pass2="store", **kwargs)
     for layer in ("1", "2"):
         for name in ("iou", "threshold", "label", "top_index", "top_image", "top_mask"):
             np.testing.assert_array_equal(exact[layer][name].values, again[layer][name].values)
@@ -263,12 +263,25 @@ def test_store_and_recompute_paths_agree() -> None:
         )
 
 
+def test_sparse_and_dense_masks_give_the_same_tallies(monkeypatch) -> None:
+    """On-entries around hot cells (CPU) and dense upsampled masks (accelerators) agree."""
+    from nethook import dissect as dissect_module
+
+    kwargs = dict(batch_size=7, progress=False, gallery_size=None, rotate=0.5)
+    sparse = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
+    monkeypatch.setattr(dissect_module._IoUTally, "dense", True)
+    dense = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
+    for layer in ("1", "2"):
+        np.testing.assert_allclose(
+            sparse[layer]["iou"].values, dense[layer]["iou"].values, atol=1e-6
+        )
+
+
 def test_rotation_equals_dissecting_a_rotated_layer() -> None:
     """--rotate ALPHA measures the layer in the basis Q**alpha: same as a 1x1 conv by Q**alpha."""
     from nethook.rotation import fractional_rotation, random_rotation
 
-    # float32 store: the two differ only in where float16 rounding would happen
-    exact = dict(progress=False, gallery_size=None, store_dtype="float32")
+    exact = dict(progress=False, gallery_size=None)
     rotated = dissect(planted_model(), "1", Planted(), rotate=0.5, seed=3, **exact)["1"]
     q = torch.from_numpy(fractional_rotation(random_rotation(3, 3), 0.5)).float()
     conv = nn.Conv2d(3, 3, 1, bias=False)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from nethook.upsample import Geometry, grid_upsample, infer_geometry, upsample
+from nethook.upsample import (
+    Geometry,
+    ThresholdedUpsample,
+    axis_weights,
+    grid_upsample,
+    infer_geometry,
+    is_identity,
+    upsample,
+)
 
 
 def test_uniform_geometry_is_plain_bilinear_resize() -> None:
@@ -84,3 +96,73 @@ def test_infer_geometry_gives_up_on_unknown_modules() -> None:
     model = nn.Sequential(Residual(), nn.Conv2d(1, 1, 3))
     assert infer_geometry(model, "1") is None
     assert infer_geometry(model, "0.conv") is None
+
+
+def dense_on(maps: np.ndarray, thr: np.ndarray, size, input_size, geometry) -> np.ndarray:
+    """Reference: every label pixel interpolated in float64 from its 2 x 2 cells, by the
+    same lerps (``a + (b - a) * f``), so that values at ties are the same floats."""
+    h, w = maps.shape[-2:]
+    (ly, hy, fy), (lx, hx, fx) = (
+        axis_weights(n_label, n_input, n_cells, s, o)
+        for n_label, n_input, n_cells, s, o in zip(
+            size, input_size, (h, w), geometry.stride, geometry.offset, strict=True
+        )
+    )
+    m = maps.astype(np.float64)
+    top = m[..., ly, :][..., lx] + (m[..., ly, :][..., hx] - m[..., ly, :][..., lx]) * fx
+    bottom = m[..., hy, :][..., lx] + (m[..., hy, :][..., hx] - m[..., hy, :][..., lx]) * fx
+    values = top + (bottom - top) * fy[:, None]
+    return values >= thr.astype(np.float64)[None, :, None, None]
+
+
+geometries = st.one_of(
+    st.just(None),
+    st.builds(
+        Geometry,
+        stride=st.tuples(
+            st.sampled_from([1.0, 2.0, 3.0, 4.0, 8.0]), st.sampled_from([1.0, 2.0, 5.0])
+        ),
+        offset=st.tuples(st.sampled_from([-1.0, 0.0, 0.5, 3.5]), st.sampled_from([0.0, 1.0, 7.5])),
+    ),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 3),
+    u=st.integers(1, 4),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    size=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    input_scale=st.sampled_from([0.5, 1.0, 2.0]),
+    geometry=geometries,
+    levels=st.sampled_from([3, 1000]),
+)
+def test_thresholded_upsample_finds_every_on_pixel(
+    seed, n, u, h, w, size, input_scale, geometry, levels
+) -> None:
+    """The tiles around hot cells hold every on pixel: equal to thresholding everything."""
+    rng = np.random.default_rng(seed)
+    maps = (rng.integers(0, levels, (n, u, h, w)) / levels).astype(np.float32)  # ties too
+    thr = rng.choice(maps.reshape(-1), u) if maps.size else np.zeros(u, np.float32)
+    input_size = tuple(max(1, round(s * input_scale)) for s in size)
+    geo = geometry or Geometry.uniform(input_size, (h, w))
+    image, unit, pixel = ThresholdedUpsample((h, w), size, input_size, geometry).on(maps, thr)
+    got = np.zeros((n, u, *size), bool)
+    got.reshape(n, u, size[0] * size[1])[image, unit, pixel] = True
+    assert len(image) == got.sum()  # no entry twice
+    expected = dense_on(maps, thr, size, input_size, geo)
+    if is_identity((h, w), size, input_size, geo):
+        expected = maps >= thr[None, :, None, None]
+    np.testing.assert_array_equal(got, expected)
+    # and it is upsample()'s mask, up to float32 rounding at the threshold
+    dense = upsample(torch.from_numpy(maps), size, input_size, geometry).numpy()
+    near = np.isclose(dense, thr[None, :, None, None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[~near], (dense >= thr[None, :, None, None])[~near])
+
+
+def test_thresholded_upsample_names_bad_shapes() -> None:
+    up = ThresholdedUpsample((4, 4), (8, 8), (8, 8))
+    with pytest.raises(ValueError, match=r"\(4, 4\) maps got maps of shape \(1, 2, 4, 5\)"):
+        up.on(np.zeros((1, 2, 4, 5), np.float32), np.zeros(2, np.float32))
