@@ -9,6 +9,7 @@ from nethook.stats.compose import Combined, Conditional
 from nethook.stats.histogram import Bincount, Histogram
 from nethook.stats.iou import IoU
 from nethook.stats.moments import Covariance, CrossCovariance, Mean, SecondMoment, Variance
+from nethook.stats.pair_iou import PairIoU
 from nethook.stats.persist import cached, load, save
 from nethook.stats.quantile import Quantile
 from nethook.stats.topk import TopK
@@ -22,6 +23,7 @@ __all__ = [
     "Histogram",
     "IoU",
     "Mean",
+    "PairIoU",
     "Quantile",
     "SecondMoment",
     "Stat",
