@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from nethook.dissect import label_units
 from nethook.sources import Segmenter
 from nethook.stats.compose import Conditional
-from nethook.stats.pair_iou import PairIoU
+from nethook.stats.pair_iou import PairIoU, present_pairs
 from nethook.stats.quantile import Quantile
 from nethook.stats.topk import TopK
 from nethook.trace import Trace
@@ -278,28 +278,29 @@ class LayerDistribution:
         if self.pixel_step > 1:
             acts, presence = acts[:: self.pixel_step], presence[:: self.pixel_step]
         acts = acts.contiguous()
-        if presence.dtype != torch.bool:
-            top = int(presence.max()) + 1 if presence.numel() else 1
-            width = top if self.label_count is None else max(top, len(self.label_count))
-            presence = concept_presence(presence, width)
         self.overall.update(acts)
-        by_concept = presence.T.contiguous()
-        counts = by_concept.sum(1)
-        keys = counts.nonzero().flatten().tolist()
-        if self.concepts is not None:
-            keys = [k for k in keys if k in self.concepts]
-        for key in keys:
-            # Conditional's keyed update with rows picked by index_select, the fast gather
-            rows = by_concept[key].nonzero().flatten()
-            self.conditional.update(acts.index_select(0, rows), key)
-        counts = counts.cpu().numpy().astype(np.int64)
+        width = presence.shape[1] if presence.dtype == torch.bool else _max_id(presence) + 1
+        keys = [c for c in range(1, width) if self.concepts is None or c in self.concepts]
+        if presence.dtype == torch.bool:
+            presence = presence.index_select(1, torch.as_tensor(keys, device=presence.device))
+        rows, cols = present_pairs(presence, keys)
+        counts = torch.bincount(cols.cpu(), minlength=len(keys)).numpy().astype(np.int64)
+        counts = counts[: len(keys)]
+        # one gather, then Conditional's keyed update with each concept's run of rows
+        runs = acts.index_select(0, rows.to(acts.device)).split(counts.tolist())
+        for key, run in zip(keys, runs, strict=True):
+            if len(run):
+                self.conditional.update(run, key)
         if self.label_count is None:
-            self.label_count = counts
-        else:
-            width = max(len(counts), len(self.label_count))
+            self.label_count = np.zeros(0, np.int64)
+        if len(self.label_count) < width:
             self.label_count = np.pad(self.label_count, (0, width - len(self.label_count)))
-            self.label_count[: len(counts)] += counts
+        self.label_count[keys] += counts
         self.count += acts.shape[0]
+
+
+def _max_id(ids: torch.Tensor) -> int:
+    return int(ids.max()) if ids.numel() else 0
 
 
 def iqr_thresholds(

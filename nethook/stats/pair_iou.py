@@ -41,7 +41,7 @@ from nethook.stats.base import Stat, as_tensor, check_batch, to_numpy, xr_units
 NUMPY_ON_CPU = True  # tests set this False to run the torch (accelerator) path on CPU
 _CHUNK_ELEMENTS = 1 << 22  # (pair, unit) comparisons per block: bounds temporary memory
 
-__all__ = ["PairIoU"]
+__all__ = ["PairIoU", "present_pairs"]
 
 
 class PairIoU(Stat):
@@ -113,26 +113,33 @@ class PairIoU(Stat):
         at a pixel counts once.
         """
         acts = check_batch(acts, self.num_units, type(self).__name__).detach()
-        rows, cols = self._pairs(presence, acts.shape[0], acts.device)
+        presence = self._check_presence(presence, acts.shape[0], acts.device)
+        table = (
+            None
+            if presence.dtype == torch.bool
+            else _id_table(self.concepts, f"{type(self).__name__}.update")
+        )
         if self.device != acts.device:
             self.to(acts.device)
         dtype = torch.promote_types(acts.dtype, self.thresholds.dtype)
         acts = acts.to(dtype)
-        thr = self.thresholds.to(device=acts.device, dtype=dtype)
+        thr = self.thresholds.to(dtype)
         if _numpy_on(acts.device):
-            above, inter = _tally_numpy(acts.numpy(), thr.numpy(), rows.numpy(), cols.numpy())
-            above, inter = torch.from_numpy(above), torch.from_numpy(inter)
+            table = None if table is None else table.numpy()
+            counts = _tally_numpy(acts.numpy(), thr.numpy(), presence.numpy(), table)
+            counts = [torch.from_numpy(c) for c in counts]
         else:
-            above, inter = _tally_torch(acts, thr, rows, cols)
+            counts = _tally_torch(
+                acts, thr, presence, None if table is None else table.to(acts.device)
+            )
+        above, inter, label = counts
         self.unit_area += above
         self.intersection += inter
-        self.label_area += torch.bincount(cols, minlength=self.num_concepts)
+        self.label_area += label
         self.count += acts.shape[0]
 
-    def _pairs(
-        self, presence: Any, n: int, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rows, cols)``: the (pixel, concept) pairs where a concept is present."""
+    def _check_presence(self, presence: Any, n: int, device: torch.device) -> torch.Tensor:
+        """``presence`` as a tensor on ``device``, or an error naming what was expected."""
         presence = torch.as_tensor(presence, device=device).detach()
         name = type(self).__name__
         if presence.ndim != 2 or presence.shape[0] != n:
@@ -146,34 +153,11 @@ class PairIoU(Stat):
                     f"{name}.update presence has {presence.shape[1]} columns; expected one "
                     f"per concept ({self.num_concepts})"
                 )
-            pairs = presence.nonzero()
-            return pairs[:, 0], pairs[:, 1]
-        if presence.is_floating_point() or presence.is_complex():
+        elif presence.is_floating_point() or presence.is_complex():
             raise ValueError(
                 f"{name}.update presence must be boolean or integer ids, got {presence.dtype}"
             )
-        table = self._id_table(device)
-        ids = presence.long()
-        known = (ids >= 0) & (ids < len(table))
-        cols = torch.where(known, table[ids.clamp(0, len(table) - 1)], -1)
-        cols = _dedupe_layers(cols)
-        pairs = (cols >= 0).nonzero()
-        return pairs[:, 0], cols[pairs[:, 0], pairs[:, 1]]
-
-    def _id_table(self, device: torch.device) -> torch.Tensor:
-        """Column of each concept id (-1: not a concept of this stat)."""
-        if self.concepts is None or not all(isinstance(c, int) for c in self.concepts):
-            raise ValueError(
-                f"{type(self).__name__}.update got integer concept ids, which needs "
-                "integer `concepts` (the ids of the threshold columns); pass a boolean "
-                "[N, K] presence matrix instead"
-            )
-        ids = torch.as_tensor(self.concepts, dtype=torch.long)
-        if len(ids) and int(ids.min()) < 0:
-            raise ValueError("PairIoU concept ids must be >= 0 to match id maps")
-        table = torch.full((int(ids.max()) + 1 if len(ids) else 1,), -1, dtype=torch.long)
-        table[ids] = torch.arange(len(ids))
-        return table.to(device)
+        return presence
 
     # ---------------------------------------------------------------- results
 
@@ -260,22 +244,80 @@ def _numpy_on(device: torch.device) -> bool:
     return device.type == "cpu" and NUMPY_ON_CPU
 
 
-def _dedupe_layers(cols: torch.Tensor) -> torch.Tensor:
-    """``cols [N, L]`` with a column repeated within a row set to -1 after its first
-    occurrence (a concept present twice at a pixel counts once)."""
-    out = cols.clone()
-    for j in range(1, cols.shape[1]):
-        repeat = (cols[:, :j] == cols[:, j : j + 1]).any(dim=1)
-        out[:, j] = torch.where(repeat, -1, cols[:, j])
-    return out
+def present_pairs(
+    presence: torch.Tensor, concepts: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)``: the (pixel, concept column) pairs where a concept is present,
+    sorted by column then pixel, each pair once.
+
+    ``presence`` is a boolean ``[N, K]`` matrix, or integer concept ids ``[N, L]``
+    with ``concepts`` the ids of the ``K`` columns (other ids are ignored).
+    """
+    table = None if presence.dtype == torch.bool else _id_table(concepts, "present_pairs")
+    if _numpy_on(presence.device):
+        table = None if table is None else table.numpy()
+        rows, cols = _pairs_numpy(presence.numpy(), table)
+        return torch.from_numpy(rows), torch.from_numpy(cols)
+    return _pairs_torch(presence, None if table is None else table.to(presence.device))
+
+
+def _id_table(concepts: Sequence[int | str] | None, name: str) -> torch.Tensor:
+    """Column of each concept id (-1: not among ``concepts``)."""
+    if concepts is None or not all(isinstance(c, int | np.integer) for c in concepts):
+        raise ValueError(
+            f"{name} got integer concept ids, which needs integer `concepts` (the ids "
+            "of the threshold columns); pass a boolean [N, K] presence matrix instead"
+        )
+    ids = torch.as_tensor([int(c) for c in concepts], dtype=torch.long)
+    if len(ids) and int(ids.min()) < 0:
+        raise ValueError(f"{name}: concept ids must be >= 0 to match id maps")
+    table = torch.full((int(ids.max()) + 1 if len(ids) else 1,), -1, dtype=torch.long)
+    table[ids] = torch.arange(len(ids))
+    return table
+
+
+def _pairs_torch(
+    presence: torch.Tensor, table: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the (pixel, concept) pairs where a concept is present, sorted
+    by concept, each pair once. ``table`` maps concept ids to columns (id maps only)."""
+    n = presence.shape[0]
+    if table is None:
+        cols, rows = presence.T.nonzero().unbind(1)
+        return rows, cols
+    ids = presence.long()
+    known = (ids >= 0) & (ids < len(table))
+    cols = table.index_select(0, ids.clamp(0, len(table) - 1).flatten()).view_as(ids)
+    cols = torch.where(known, cols, -1)
+    rows = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
+    keep = cols >= 0
+    key = torch.unique(cols[keep] * n + rows[keep])
+    return key % n, key // n
+
+
+def _pairs_numpy(presence: np.ndarray, table: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_pairs_torch` in numpy."""
+    n = presence.shape[0]
+    if table is None:
+        cols, rows = np.nonzero(presence.T)
+        return rows, cols
+    ids = presence.astype(np.int64, copy=False)
+    known = (ids >= 0) & (ids < len(table))
+    cols = np.where(known, table[np.where(known, ids, 0)], -1)
+    rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
+    keep = cols >= 0
+    key = np.sort(cols[keep] * n + rows[keep])
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
+    return key % n, key // n
 
 
 def _tally_torch(
-    acts: torch.Tensor, thr: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(unit_area, intersection)`` increments ``[U, K]`` of one batch, in torch."""
+    acts: torch.Tensor, thr: torch.Tensor, presence: torch.Tensor, table: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(unit_area, intersection, label_area)`` increments of one batch, in torch."""
     n, units = acts.shape
     k = thr.shape[1]
+    rows, cols = _pairs_torch(presence, table)
     clean = torch.where(acts.isnan(), float("-inf"), acts)  # NaN is never above a threshold
     ordered = clean.T.contiguous().sort(dim=1).values
     above = n - torch.searchsorted(ordered, thr.contiguous(), right=True)
@@ -286,26 +328,31 @@ def _tally_torch(
         r, c = rows[start : start + step], cols[start : start + step]
         on = acts.index_select(0, r) > thr_t.index_select(0, c)
         inter.index_add_(0, c, on.long())
-    return above, inter.T.contiguous()
+    return above, inter.T.contiguous(), torch.bincount(cols, minlength=k)
 
 
 def _tally_numpy(
-    acts: np.ndarray, thr: np.ndarray, rows: np.ndarray, cols: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_tally_torch` in numpy (CPU): pairs sorted by concept, summed per run."""
+    acts: np.ndarray, thr: np.ndarray, presence: np.ndarray, table: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_tally_torch` in numpy (CPU). The pairs come sorted by concept, so each
+    concept's gathered rows form one block, compared with that concept's ``U``
+    thresholds at once (a loop over the concepts present, not over units)."""
     n, units = acts.shape
     k = thr.shape[1]
-    clean = np.where(np.isnan(acts), -np.inf, acts).astype(acts.dtype, copy=False)
-    ordered = torch.from_numpy(np.sort(np.ascontiguousarray(clean.T), axis=1))
+    rows, cols = _pairs_numpy(presence, table)
+    acts_t = np.ascontiguousarray(acts.T)
+    clean = np.where(np.isnan(acts_t), -np.inf, acts_t) if np.isnan(acts_t).any() else acts_t
+    ordered = torch.from_numpy(np.sort(clean, axis=1))
     above = n - torch.searchsorted(ordered, torch.from_numpy(np.ascontiguousarray(thr)), right=True)
     inter = np.zeros((k, units), dtype=np.int64)
-    order = np.argsort(cols, kind="stable")
-    rows, cols = rows[order], cols[order]
     thr_t = np.ascontiguousarray(thr.T)
     step = max(1, _CHUNK_ELEMENTS // max(units, 1))
     for start in range(0, len(rows), step):
         r, c = rows[start : start + step], cols[start : start + step]
-        present, first, counts = np.unique(c, return_index=True, return_counts=True)
-        on = acts[r] > np.repeat(thr_t[present], counts, axis=0)
-        inter[present] += np.add.reduceat(on, first, axis=0, dtype=np.int64)
-    return above.numpy(), inter.T.copy()
+        block = np.take(acts, r, axis=0)  # [pairs, U]
+        counts = np.bincount(c, minlength=k)
+        ends = np.cumsum(counts)
+        for j in np.flatnonzero(counts).tolist():
+            run = block[ends[j] - counts[j] : ends[j]]
+            inter[j] += (run > thr_t[j]).sum(axis=0, dtype=np.int64)
+    return above.numpy(), inter.T.copy(), np.bincount(cols, minlength=k).astype(np.int64)

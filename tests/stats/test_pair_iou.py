@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from nethook.stats import pair_iou
 from nethook.stats.base import from_state_dict, states_equal
-from nethook.stats.pair_iou import PairIoU
+from nethook.stats.pair_iou import PairIoU, present_pairs
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -171,3 +171,20 @@ def test_bad_input_is_named():
         stat.merge(PairIoU(np.ones((2, 3)), concepts=["a", "b", "c"]))
     with pytest.raises(TypeError, match="same kind"):
         stat.merge(object())
+
+
+@KERNELS
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 4), n=st.integers(0, 40))
+def test_present_pairs_are_sorted_unique_and_complete(numpy_on_cpu, seed, layers, n):
+    rng = np.random.default_rng(seed)
+    concepts = [3, 1, 8]
+    labels = rng.choice([0, 1, 3, 8, 5], size=(n, layers))
+    want = sorted({(concepts.index(v), i) for i in range(n) for v in labels[i] if v in concepts})
+    with kernel(numpy_on_cpu):
+        rows, cols = present_pairs(torch.as_tensor(labels), concepts)
+        presence = torch.as_tensor(rng.random((n, 3)) < 0.4)
+        brows, bcols = present_pairs(presence)
+    assert list(zip(cols.tolist(), rows.tolist(), strict=True)) == want
+    bwant = sorted((c, i) for i, c in zip(*np.nonzero(presence.numpy()), strict=True))
+    assert list(zip(bcols.tolist(), brows.tolist(), strict=True)) == bwant
