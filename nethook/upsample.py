@@ -231,13 +231,15 @@ class ThresholdedUpsample:
     A label pixel's value is a convex combination of the 2 x 2 cells around it, so it
     can reach a threshold only if one of them does. Label pixels are grouped into
     *tiles* by their top-left support cell (tiles are disjoint rectangles); only the
-    tiles next to a hot cell (one at or above its unit's threshold) are evaluated,
-    in float64, and compared. With a top quantile of 0.5% that is a few percent of
-    the pixels, and nothing of size ``[N, U, H, W]`` is formed.
+    tiles next to a hot cell (one at or above its unit's threshold) are evaluated
+    and compared. With a top quantile of 0.5% that is a few percent of the pixels,
+    and nothing of size ``[N, U, H, W]`` is formed.
 
-    The values are the bilinear interpolation :func:`upsample` computes, evaluated
-    in float64 (``upsample`` uses float32 products): a pixel within float32
-    rounding of the threshold may differ. Runs in numpy (CPU).
+    Values are the bilinear interpolation :func:`upsample` computes, as two lerps
+    ``a + (b - a) * f`` (along x, then y) in the maps' float dtype (at least
+    float32), so a plateau of cells equal to the threshold stays on; ``upsample``'s
+    matrix products may round differently within one unit in the last place.
+    Runs in numpy (CPU).
     """
 
     def __init__(
@@ -263,6 +265,14 @@ class ThresholdedUpsample:
                 strict=True,
             )
         ]
+        ay, ax = self.axes
+        h, w = self.feature_size
+        # per cell of a map: may the tile there take in the cell below / to the right
+        # (not the last row / column), and does the tile hold any pixel
+        self._down = np.repeat(np.arange(h) < h - 1, w)
+        self._right = np.tile(np.arange(w) < w - 1, h)
+        self._filled = (ay.length[:, None] > 0) & (ax.length[None, :] > 0)
+        self._patterns: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def on(
         self, maps: np.ndarray, threshold: np.ndarray
@@ -270,8 +280,7 @@ class ThresholdedUpsample:
         """``(image, unit, pixel)`` int64 arrays of the entries of ``[N, U, H, W]`` that
         are on, for ``maps`` ``[N, U, h, w]`` (float) and ``threshold`` ``[U]``.
 
-        ``pixel`` is ``y * W + x`` at the label size. The threshold is compared in the
-        maps' dtype at cells (as ``maps >= threshold`` would) and in float64 at pixels.
+        ``pixel`` is ``y * W + x`` at the label size; each entry appears once.
         """
         n, u, h, w = maps.shape
         if (h, w) != self.feature_size or threshold.shape != (u,):
@@ -279,54 +288,84 @@ class ThresholdedUpsample:
                 f"ThresholdedUpsample for {self.feature_size} maps got maps of shape "
                 f"{maps.shape} and thresholds of shape {threshold.shape}"
             )
-        hot = maps >= threshold.astype(maps.dtype)[None, :, None, None]
+        dtype = np.result_type(maps.dtype, np.float32)
+        maps = np.ascontiguousarray(maps, dtype=dtype)
+        thr = threshold.astype(dtype)
+        hot = (maps >= thr[None, :, None, None]).reshape(-1)
         if self.identity:
-            flat = np.flatnonzero(hot)
-            image_unit, pixel = np.divmod(flat, h * w)
+            image_unit, pixel = np.divmod(np.flatnonzero(hot), h * w)
             image, unit = np.divmod(image_unit, u)
             return image, unit, pixel
-        ay, ax = self.axes
+        down, right, filled = self._pattern(n * u)
         near = hot.copy()  # tile (i, j) has support cells i..hi(i) x j..hi(j)
-        near[:, :, :-1] |= hot[:, :, 1:]
-        near[:, :, :, :-1] |= near[:, :, :, 1:].copy()
-        near &= ay.filled[:, None] & ax.filled[None, :]
-        image, unit, i, j = np.nonzero(near)
+        near[:-w] |= hot[w:] & down
+        wide = near.copy()
+        wide[:-1] |= near[1:] & right
+        wide &= filled
+        base = np.flatnonzero(wide)
+        if len(base) == 0:
+            return base, base.copy(), base.copy()
+        image_unit, cell = np.divmod(base, h * w)
+        image, unit = np.divmod(image_unit, u)
+        i, j = np.divmod(cell, w)
+        ay, ax = self.axes
         flat = maps.reshape(-1)
-        base = ((image * u + unit) * h + i) * w + j
         dy, dx = (ay.hi[i] - i) * w, ax.hi[j] - j
-        a00, a01 = flat[base].astype(np.float64), flat[base + dx].astype(np.float64)
-        a10, a11 = flat[base + dy].astype(np.float64), flat[base + dy + dx].astype(np.float64)
-        fx = ax.frac[j]
+        corners = (flat[base], flat[base + dx], flat[base + dy], flat[base + dy + dx])
+        found = []
+        for group in _tile_groups(ay.length[i], ax.length[j]):
+            found.append(self._evaluate(group, i, j, corners, thr[unit[group]], dtype))
+        tile, y, x = (np.concatenate(parts) for parts in zip(*found, strict=True))
+        return image[tile], unit[tile], y * self.size[1] + x
+
+    def _pattern(self, maps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat per-cell masks (see ``__init__``) repeated over ``maps`` maps, cached."""
+        if maps not in self._patterns:
+            cells = self.feature_size[0] * self.feature_size[1]
+            down = np.tile(self._down, maps)[: maps * cells - self.feature_size[1]]
+            right = np.tile(self._right, maps)[:-1]
+            self._patterns = {maps: (down, right, np.tile(self._filled.reshape(-1), maps))}
+        return self._patterns[maps]
+
+    def _evaluate(self, group, i, j, corners, thr, dtype):
+        """The on pixels of tiles ``group`` (all of one size): tile index, y, x."""
+        ay, ax = self.axes
+        ti, tj = i[group], j[group]
+        th, tw = int(ay.length[ti[0]]), int(ax.length[tj[0]])
+        a00, a01, a10, a11 = (c[group] for c in corners)
+        fy = ay.frac[ay.start[ti][:, None] + np.arange(th)].astype(dtype)
+        fx = ax.frac[ax.start[tj][:, None] + np.arange(tw)].astype(dtype)
         top = a00[:, None] + (a01 - a00)[:, None] * fx
         bottom = a10[:, None] + (a11 - a10)[:, None] * fx
-        values = top[:, None, :] + (bottom - top)[:, None, :] * ay.frac[i][:, :, None]
-        on = values >= threshold.astype(np.float64)[unit][:, None, None]
-        on &= ay.valid[i][:, :, None] & ax.valid[j][:, None, :]
-        tile, r, c = np.nonzero(on)
-        y = ay.start[i[tile]] + r
-        x = ax.start[j[tile]] + c
-        return image[tile], unit[tile], y * self.size[1] + x
+        values = top[:, None, :] + (bottom - top)[:, None, :] * fy[:, :, None]
+        hit = np.flatnonzero(values >= thr[:, None, None])
+        tile, rc = np.divmod(hit, th * tw)
+        r, c = np.divmod(rc, tw)
+        return group[tile], ay.start[ti[tile]] + r, ax.start[tj[tile]] + c
+
+
+def _tile_groups(heights: np.ndarray, widths: np.ndarray) -> list[np.ndarray]:
+    """Indices of the tiles grouped by (height, width): few sizes, so no padding."""
+    key = heights * (int(widths.max()) + 1) + widths
+    order = np.argsort(key, kind="stable")
+    edges = np.flatnonzero(np.diff(key[order])) + 1
+    return np.split(order, edges)
 
 
 class _AxisTiles:
-    """Along one axis: the label pixels of each cell's tile, padded to one length.
+    """Along one axis: where each cell's tile of label pixels starts, and its length.
 
-    Tile ``i`` holds the pixels whose lower support cell is ``i``: ``start[i]`` and
-    ``valid[i, r]`` (pixel ``start[i] + r`` is in it), ``frac[i, r]`` their upper
-    cell's weight; ``hi[i]`` is the upper cell; ``filled[i]`` says the tile is not empty.
+    Tile ``i`` holds the pixels ``start[i] .. start[i] + length[i] - 1``, those whose
+    lower support cell is ``i``; ``hi[i]`` is their upper cell and ``frac`` the upper
+    cell's weight per pixel.
     """
 
     def __init__(self, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, n_cells: int):
         cells = np.arange(n_cells)
         self.start = np.searchsorted(lo, cells, side="left")
-        stop = np.searchsorted(lo, cells, side="right")
-        length = stop - self.start
-        self.filled = length > 0
+        self.length = np.searchsorted(lo, cells, side="right") - self.start
         self.hi = np.minimum(cells + 1, n_cells - 1)
-        pad = max(1, int(length.max()))
-        index = self.start[:, None] + np.arange(pad)[None, :]
-        self.valid = index < stop[:, None]
-        self.frac = np.where(self.valid, frac[np.minimum(index, len(frac) - 1)], 0.0)
+        self.frac = frac
 
 
 def grid_upsample(

@@ -99,8 +99,8 @@ def test_infer_geometry_gives_up_on_unknown_modules() -> None:
 
 
 def dense_on(maps: np.ndarray, thr: np.ndarray, size, input_size, geometry) -> np.ndarray:
-    """Reference: every label pixel interpolated in float64 from its 2 x 2 cells, by the
-    same lerps (``a + (b - a) * f``), so that values at ties are the same floats."""
+    """Reference: every label pixel interpolated from its 2 x 2 cells by the same float32
+    lerps (``a + (b - a) * f``, along x then y), so that values are the same floats."""
     h, w = maps.shape[-2:]
     (ly, hy, fy), (lx, hx, fx) = (
         axis_weights(n_label, n_input, n_cells, s, o)
@@ -108,11 +108,12 @@ def dense_on(maps: np.ndarray, thr: np.ndarray, size, input_size, geometry) -> n
             size, input_size, (h, w), geometry.stride, geometry.offset, strict=True
         )
     )
-    m = maps.astype(np.float64)
+    m = maps
+    fy, fx = fy.astype(np.float32), fx.astype(np.float32)
     top = m[..., ly, :][..., lx] + (m[..., ly, :][..., hx] - m[..., ly, :][..., lx]) * fx
     bottom = m[..., hy, :][..., lx] + (m[..., hy, :][..., hx] - m[..., hy, :][..., lx]) * fx
     values = top + (bottom - top) * fy[:, None]
-    return values >= thr.astype(np.float64)[None, :, None, None]
+    return values >= thr[None, :, None, None]
 
 
 geometries = st.one_of(
