@@ -1,6 +1,7 @@
 """Network Dissection vs bare forward passes over the same images (demo model, scenes).
 
     .venv/bin/python benchmarks/bench_dissect.py [--images 2000] [--small 500] [--batch-size 50]
+    .venv/bin/python benchmarks/bench_dissect.py --rank-error [--images 1000]
 
 Runs, each in a fresh subprocess (so peak memory is per run), side by side:
 
@@ -13,6 +14,11 @@ once for ``--images`` and once for ``--small`` images. Prints wall times, the ra
 dissect / forward (goal <= 1.5) and the peak resident memory of each run (which must
 not grow with the number of images). Timings on a shared machine are noisy: compare
 the ratios measured in one run.
+
+``--rank-error`` measures what thinning the threshold sketch costs in accuracy: for
+several ``sketch_samples`` budgets it prints, per layer, the largest distance over
+units between the share of all activations at or above the unit's threshold and the
+quantile (0.005), counted exactly over a forward pass.
 """
 
 from __future__ import annotations
@@ -55,6 +61,54 @@ def child(mode: str, images: int, batch_size: int) -> dict:
     return {"mode": mode, "images": images, "seconds": wall, "peak_mib": peak}
 
 
+def rank_error(images: int, batch_size: int) -> None:
+    """Print the thresholds' exact rank error for several sketch budgets."""
+    import numpy as np
+    import torch
+
+    from nethook.dissect import dissect
+    from nethook.models import load_model
+    from nethook.plugins import get_source
+    from nethook.runner import FunctionConsumer, run
+
+    torch.set_num_threads(2)
+    source = get_source(f"scenes:n={images},size=64,seed=777,progress=false")
+    model = load_model(MODEL)
+    budgets = {"all": None, "2**20": 2**20, "2**19": 2**19, "2**18": 2**18}
+    thresholds = {}
+    for name, budget in budgets.items():
+        results = dissect(
+            model,
+            LAYERS,
+            source,
+            batch_size=batch_size,
+            progress=False,
+            gallery_size=None,
+            topk=1,
+            sketch_samples=budget,
+        )
+        thresholds[name] = {layer: results[layer]["threshold"].values for layer in LAYERS}
+    above = {name: {layer: 0 for layer in LAYERS} for name in budgets}
+    total = dict.fromkeys(LAYERS, 0)
+
+    def count(batch) -> None:
+        for layer in LAYERS:
+            maps = batch.acts[layer].numpy()
+            total[layer] += maps.shape[0] * maps.shape[2] * maps.shape[3]
+            for name in budgets:
+                thr = thresholds[name][layer][None, :, None, None]
+                above[name][layer] = above[name][layer] + (maps >= thr).sum((0, 2, 3))
+
+    run(model, source, FunctionConsumer(count, LAYERS), batch_size=batch_size, progress=False)
+    print(f"rank error of the thresholds at q = 0.005, {images} images (max over units)")
+    print("sketch_samples " + " ".join(f"{layer:>8s}" for layer in LAYERS))
+    for name in budgets:
+        errors = [
+            float(np.abs(above[name][layer] / total[layer] - 0.005).max()) for layer in LAYERS
+        ]
+        print(f"{name:14s} " + " ".join(f"{e:8.1e}" for e in errors))
+
+
 def measure(mode: str, images: int, batch_size: int) -> dict:
     out = subprocess.run(
         [
@@ -80,7 +134,13 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--child", choices=["forward", "dissect"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rank-error", action="store_true", help="measure the thresholds' rank error instead"
+    )
     args = parser.parse_args()
+    if args.rank_error:
+        rank_error(args.images, args.batch_size)
+        return
     if args.child:
         print(json.dumps(child(args.child, args.images, args.batch_size)))
         return

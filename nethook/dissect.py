@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -711,9 +712,16 @@ def dissect(
                 desc="dissect 2/2: IoU",
                 **{**common, "checkpoint_key": key2},
             )
-    finally:
+    except BaseException:
         if scratch is not None:
             _rmtree(scratch)
+        raise
+    # the store is spent: delete it while the results are assembled (on success only,
+    # so that a killed run resumes from it)
+    cleanup = None
+    if pass2 == "store":
+        cleanup = threading.Thread(target=_rmtree, args=(scratch or store_path,), daemon=True)
+        cleanup.start()
     iou_all = tally.stat.iou_xarray()
     offsets = np.concatenate([[0], np.cumsum(units)])
 
@@ -747,8 +755,8 @@ def dissect(
         consumers2["gallery"].add_to(results)
     if out is not None:
         save_results(results, out)
-        if pass2 == "store":
-            _rmtree(store_path)
+    if cleanup is not None:
+        cleanup.join()
     return results
 
 
