@@ -8,13 +8,15 @@ again. The baseline runs exactly those generator and segmenter forward passes
 with nothing else; the ratio is the overhead of the tracing, upsampling and
 statistics (goal <= 1.5x). Both run alternately in one process, ``--repeats``
 times each, and the best of each is compared (the machine is shared: the best
-run is the least disturbed). ``--search-steps`` > 0 also times steps of the
+run is the least disturbed); wall time and process CPU time (all threads; less
+disturbed by other processes on a shared machine) are both reported. ``--search-steps`` > 0 also times steps of the
 causal unit search (``benchmarks/bench_ace.py`` times a whole ``nethook ace``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -49,22 +51,29 @@ def main() -> None:
         f"layer {args.layer}, batch {args.batch}, best of {args.repeats}, {torch.get_num_threads()} threads"
     )
     for n in args.samples:
-        times: dict[str, list[float]] = {"bare": [], "gandissect": []}
+        wall: dict[str, list[float]] = {"bare": [], "gandissect": []}
+        cpu: dict[str, list[float]] = {"bare": [], "gandissect": []}
+        runs = {
+            "bare": functools.partial(bare, gen, seg, n, (0, 1), args.batch),
+            "gandissect": functools.partial(
+                gandissect, gen, args.layer, seg, n=n, batch_size=args.batch, progress=False
+            ),
+        }
         for _ in range(args.repeats):
-            t = time.perf_counter()
-            bare(gen, seg, n, (0, 1), args.batch)
-            times["bare"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            gandissect(gen, args.layer, seg, n=n, batch_size=args.batch, progress=False)
-            times["gandissect"].append(time.perf_counter() - t)
-        b, g = min(times["bare"]), min(times["gandissect"])
-        runs = ", ".join(
-            f"{g_ / b_:.2f}" for b_, g_ in zip(times["bare"], times["gandissect"], strict=True)
-        )
+            for name, run in runs.items():
+                t, c = time.perf_counter(), time.process_time()
+                run()
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
         print(f"{n} + {n} samples")
-        print(f"  bare generator + segmenter passes: {b:7.2f} s")
-        print(f"  gandissect (thresholds + IoU + galleries): {g:7.2f} s")
-        print(f"  ratio gandissect / bare: {g / b:.2f}x (goal <= 1.5x; per repeat: {runs})")
+        for label, times in (("wall", wall), ("cpu", cpu)):
+            b, g = min(times["bare"]), min(times["gandissect"])
+            pairs = zip(times["bare"], times["gandissect"], strict=True)
+            each = ", ".join(f"{g_ / b_:.2f}" for b_, g_ in pairs)
+            print(
+                f"  {label:>4}: bare passes {b:7.2f} s, gandissect {g:7.2f} s, "
+                f"ratio {g / b:.2f}x (goal <= 1.5x; per repeat: {each})"
+            )
     if args.search_steps > 0:
         k = insertion_constant(gen, args.layer, seg, args.concept, n=100)
         t = time.perf_counter()

@@ -93,3 +93,20 @@ def test_ablation_curve_and_context(planted):
     # red can only be inserted where it is not already: effect there is positive
     assert heat.values.max() > 0.5
     assert set(table["context"]) <= {"tree", "sky", "none"}
+
+
+def test_bad_input_is_named(planted):
+    """Unknown concepts list close names; a layer that is not a feature map names its shape."""
+    gen, seg = planted
+    with pytest.raises(ValueError, match=r"unknown concept 'skye'.*did you mean sky"):
+        insertion_constant(gen, "layer", seg, "skye", n=4)
+    with pytest.raises(ValueError, match=r"layer 'layer.linear' outputs \(4, 768\)"):
+        insertion_constant(gen, "layer.linear", seg, "tree", n=4, batch_size=4)
+    k = torch.zeros(UNITS)
+    with pytest.raises(ValueError, match=r"layer 'layer.linear' outputs \(2, 768\)"):
+        search_causal_units(
+            gen, "layer.linear", seg, "tree", k, epochs=1, steps_per_epoch=1, batch_size=2,
+            progress=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"iou has shape \(3,\); expected one value per unit"):
+        search_causal_units(gen, "layer", seg, "tree", k, np.ones(3), progress=False)
