@@ -72,6 +72,7 @@ _LEVEL_MASK = (1 << _LEVEL_BITS) - 1
 _HUGE = 2.0**900  # stands in for +-inf in packed keys (a power of two: free low bits)
 _FUSED = 3  # compactions fused into one pick on the CPU path (see extend_compacted)
 _CHUNK = 512  # rows per fused level-0 compaction chunk (a [C, 512] buffer stays in cache)
+_FOLD = 256  # values per folded row in column reductions (see _reduce_columns)
 _TRANSPOSE_BLOCK = 256  # rows per block of the cache-friendly [N, C] -> [C, N] copy
 
 
@@ -163,36 +164,12 @@ def _count_below(a: Array, v: Array) -> Array:
     return np.where(v == -np.inf, 0, below)
 
 
-def _merge_sorted(a: Array, b: Array) -> Array:
-    """Merge two row-sorted ``[C, n]`` arrays into one (``b`` the shorter).
-
-    numpy: each item of ``b`` finds its place in ``a`` by bisection, and a boolean
-    mask scatters both arrays into the output: linear in ``a`` instead of a sort
-    (a small piece merged into a large level costs a copy of the level).
-    """
-    if not a.shape[1]:
-        return b
-    if not b.shape[1]:
-        return a
-    if not _is_np(a):
-        return torch.sort(torch.cat([a, b], dim=1), dim=1).values
-    if b.shape[1] * 4 > a.shape[1] or np.isnan(b[:, -1]).any():
-        return np.sort(np.concatenate([a, b], axis=1), axis=1)
-    rows, n, m = a.shape[0], a.shape[1], b.shape[1]
-    place = _count_at_most(a, b) + np.arange(m) + (np.arange(rows) * (n + m))[:, None]
-    from_b = np.zeros(rows * (n + m), bool)
-    from_b[place.ravel()] = True
-    out = np.empty(rows * (n + m), a.dtype)
-    out[from_b] = b.ravel()
-    out[~from_b] = a.ravel()
-    return out.reshape(rows, n + m)
-
-
+_PIECES = 4  # sorted pieces a level may keep apart between compactions
 _WINDOW_MARGIN = 2.0  # windows cover this many times the weight between pivot and target
-_WINDOW_SLACK = 4  # plus this many items per level
+_WINDOW_SLACK = 2  # plus this many items per level
 _WINDOW_MAX = 1024  # items per query; larger windows go to the sorting fallback
 _WINDOW_ROUNDS = 6  # pivots tried (windows 4x wider each time) before falling back to sorting
-_WINDOW_FAR = 24  # expected items between pivot and target above which the pivot moves first
+_WINDOW_FAR = 8  # expected items between pivot and target above which the pivot moves first
 
 
 def _select_in_levels(
@@ -380,6 +357,24 @@ def _select_at_least(rows: Array, t: Array, nan: bool = True) -> Array:
     return torch.sort(padded, dim=1).values[:, rows.shape[1] - m :]
 
 
+def _reduce_columns(ufunc: np.ufunc, a: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """``ufunc.reduce(a, axis=0)`` for ``[N, C]``, fast also when ``C`` is small.
+
+    numpy reduces a narrow ``[N, C]`` array over its rows 5-10x slower than a wide
+    one, so runs of ``m`` rows are first folded into rows of ``m * C`` values.
+    """
+    n, c = a.shape
+    m = max(1, _FOLD // c)
+    full = n - n % m
+    if m == 1 or full == 0:
+        return ufunc.reduce(a, axis=0, dtype=dtype)
+    out = ufunc.reduce(a[:full].reshape(full // m, m * c), axis=0, dtype=dtype)
+    out = ufunc.reduce(out.reshape(m, c), axis=0)
+    if full < n:
+        out = ufunc(out, ufunc.reduce(a[full:], axis=0, dtype=dtype))
+    return out
+
+
 def _numpy_batch(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     """A CPU ``[N, C]`` tensor as a numpy array of the storage dtype (no copy if it is)."""
     x = x.detach()
@@ -403,7 +398,7 @@ def _select_columns(a: np.ndarray, t: np.ndarray, nan: bool) -> np.ndarray:
     mask = a >= t
     if nan:
         mask |= np.isnan(a)
-    counts = np.count_nonzero(mask, axis=0)
+    counts = _reduce_columns(np.add, mask, np.int64)
     m = int(counts.max())
     out = np.full((a.shape[1], m), -np.inf, a.dtype)
     if m:
@@ -491,9 +486,9 @@ class _SortedView:
 class _Levels:
     """KLL-style compactor levels shared by all channels, each kept sorted per row.
 
-    Level ``h`` holds items of weight ``2**h`` as one ``[C, n_h]`` array sorted along
-    every row (every row has the same length). New items arrive as sorted pieces and
-    are merged in before the update returns, so readouts can search levels directly.
+    Level ``h`` holds items of weight ``2**h`` as up to ``_PIECES`` ``[C, n]`` arrays
+    ("pieces"), each sorted along every row (all rows have the same length), so
+    readouts search them directly, with no sort. New items arrive as sorted pieces.
     When the stack holds more than its budget, the lowest level at or over its
     capacity ``cap_h`` is compacted in chunks of ``cap_h`` consecutive (sorted)
     items: from each chunk every other item (random offset, per row and chunk)
@@ -508,6 +503,7 @@ class _Levels:
         self.seed = seed
         self.stream = stream
         self.pieces: list[list[Array]] = []
+        self.fresh: dict[int, list[Array]] = {}  # unsorted pieces, sorted by compress()
         self.compactions: list[int] = []
 
     # sizes -----------------------------------------------------------------
@@ -532,7 +528,7 @@ class _Levels:
         return max(_FUSED + 1, int(np.floor(np.log2(max(weight, 1) / self.k))) + 2)
 
     def level_size(self, h: int) -> int:
-        return sum(p.shape[1] for p in self.pieces[h])
+        return sum(p.shape[1] for p in self.pieces[h] + self.fresh.get(h, []))
 
     def size(self) -> int:
         return sum(self.level_size(h) for h in range(len(self.pieces)))
@@ -547,34 +543,37 @@ class _Levels:
 
     def level(self, h: int) -> Array:
         """Level ``h`` as one row-sorted ``[C, n_h]`` array (its pieces merged once)."""
-        pieces = self.pieces[h]
-        while len(pieces) > 1:
-            pieces.sort(key=lambda p: p.shape[1])
-            pieces[:2] = [_merge_sorted(pieces[0], pieces[1])]
-        return pieces[0]
+        fresh = self.fresh.pop(h, [])
+        if fresh or len(self.pieces[h]) > 1:
+            self.pieces[h] = [_sort_rows(_cat(self.pieces[h] + fresh))]
+        return self.pieces[h][0]
 
-    def sorted_levels(self) -> list[tuple[int, Array]]:
-        """``(h, level)`` for every non-empty level."""
-        levels = [(h, self.level(h)) for h in range(len(self.pieces))]
-        return [(h, a) for h, a in levels if a.shape[1]]
+    def sorted_pieces(self) -> list[tuple[int, Array]]:
+        """``(h, piece)`` for every non-empty piece: row-sorted items of weight ``2**h``."""
+        self._sort_fresh()
+        return [(h, p) for h, ps in enumerate(self.pieces) for p in ps if p.shape[1]]
 
     # growth ----------------------------------------------------------------
     def extend(self, items: Array, level: int = 0, presorted: bool = False) -> None:
         """Add ``[C, m]`` items (owned by the stack from now on) at ``level``.
 
-        Unless ``presorted`` (rows already ascending), the items are sorted here.
+        Unless ``presorted`` (rows already ascending), the items are sorted later,
+        together with the level if it compacts (one sort instead of two).
         """
         while len(self.pieces) <= level:
             self.pieces.append([_empty_like_rows(items)])
             self.compactions.append(0)
         if items.shape[1]:
-            self.pieces[level].append(items if presorted else _sort_rows(items))
+            if presorted:
+                self.pieces[level].append(items)
+            else:
+                self.fresh.setdefault(level, []).append(items)
 
     def extend_compacted(self, a: np.ndarray) -> None:
         """Add a ``[B, C]`` numpy batch, compacting its full chunks on the fly.
 
         Each chunk of ``_CHUNK`` rows is transposed into a cache-resident buffer and
-        sorted there; ``_FUSED`` compactions in a row (levels ``0 .. _FUSED-1``,
+        sorted there (several chunks per pass when there are few channels); ``_FUSED`` compactions in a row (levels ``0 .. _FUSED-1``,
         chunks of ``_CHUNK``, ``_CHUNK/2``, ...) then reduce to a single strided
         pick: item ``o + 2**_FUSED * i`` with a random offset ``o`` whose bits are
         the random parities of the successive compactions. Only one item in
@@ -588,14 +587,18 @@ class _Levels:
             rng = _compaction_rng(self.seed, self.stream, 0, self.compactions[0], a[0, :16])
             offsets = rng.integers(0, step, size=(chunks, channels), dtype=np.int64)
             width = cap // step
-            picks = np.arange(0, cap, step)[None, :]
+            picks = np.arange(0, cap, step)[None, None, :]
             out = np.empty((channels, chunks * width), a.dtype)
-            buf = np.empty((channels, cap), a.dtype)
-            for i in range(chunks):
-                np.copyto(buf, a[i * cap : (i + 1) * cap].T)
-                buf.sort(axis=1)
-                index = offsets[i][:, None] + picks
-                out[:, i * width : (i + 1) * width] = np.take_along_axis(buf, index, 1)
+            group = min(chunks, max(1, _CHUNK // channels))  # chunks per cache-sized pass
+            buf = np.empty((channels, group, cap), a.dtype)
+            for i in range(0, chunks, group):
+                g = min(group, chunks - i)
+                block = a[i * cap : (i + g) * cap].reshape(g, cap, channels)
+                np.copyto(buf[:, :g], block.transpose(2, 0, 1))
+                buf[:, :g].sort(axis=2)
+                index = offsets[i : i + g].T[:, :, None] + picks
+                picked = np.take_along_axis(buf[:, :g], index, 2)
+                out[:, i * width : (i + g) * width] = picked.reshape(channels, g * width)
             while len(self.pieces) <= _FUSED:
                 self.extend(out[:, :0], len(self.pieces))
             for h in range(_FUSED):
@@ -612,14 +615,33 @@ class _Levels:
             self.compactions[h] += other.compactions[h]
 
     def compress(self) -> None:
-        """Compact until the stack fits its budget; leave every level merged."""
+        """Compact until the stack fits its budget; merge pieces down to ``_PIECES`` a level.
+
+        Levels that do not compact keep their sorted pieces apart (readouts search
+        pieces), so a large top level is not re-merged for every small addition;
+        unsorted pieces wait for their level's compaction or the next readout.
+        Neither changes any result: those depend only on each level's items.
+        """
         while self.size() > self.budget():
             for h in range(len(self.pieces)):
                 if self.level_size(h) >= self.capacity(h):
                     self._compact(h)
                     break
-        for h in range(len(self.pieces)):
-            self.level(h)
+        self._limit_pieces()
+
+    def _sort_fresh(self) -> None:
+        """Sort the unsorted pieces (each level's at once), for a readout."""
+        for h, fresh in self.fresh.items():
+            self.pieces[h].append(_sort_rows(_cat(fresh)))
+        self.fresh = {}
+        self._limit_pieces()
+
+    def _limit_pieces(self) -> None:
+        """Merge each level's sorted pieces down to ``_PIECES``."""
+        for pieces in self.pieces:
+            while len(pieces) > _PIECES:
+                pieces.sort(key=lambda p: p.shape[1])
+                pieces[:2] = [_sort_rows(_cat(pieces[:2]))]
 
     def _compact(self, h: int) -> None:
         """Compact level ``h`` whole (KLL): keep every other item of the sorted level.
@@ -650,24 +672,23 @@ class _Levels:
         """Drop items below ``t[row]`` where every row can (lengths stay equal)."""
         for h in range(len(self.pieces)):
             a = self.level(h)
-            if a.shape[1]:
-                keep = a.shape[1] - int(_numpy(_count_below(a, t[:, None])).min())
-                if keep < a.shape[1]:
-                    rest = a[:, a.shape[1] - keep :]
-                    self.pieces[h] = [rest.copy() if _is_np(rest) else rest.clone()]
+            keep = a.shape[1] - int(_numpy(_count_below(a, t[:, None])).min(initial=0))
+            if keep < a.shape[1]:
+                rest = a[:, a.shape[1] - keep :]
+                self.pieces[h] = [rest.copy() if _is_np(rest) else rest.clone()]
 
     # readout ---------------------------------------------------------------
     def weight_below(self, t: Array) -> np.ndarray:
         """Per row: total weight of the items ``< t[row]`` (``[C]``, float64)."""
         total = np.zeros(t.shape[0])
-        for h, a in self.sorted_levels():
+        for h, a in self.sorted_pieces():
             total += _numpy(_count_below(a, t[:, None]))[:, 0] * 2.0**h
         return total
 
     def weight_at_most(self, v: Array) -> np.ndarray:
         """Per row and query: total weight of items ``<= v`` (``v`` is ``[C, Q]``)."""
         total = np.zeros(tuple(v.shape))
-        for h, a in self.sorted_levels():
+        for h, a in self.sorted_pieces():
             total += _numpy(_count_at_most(a, v)) * 2.0**h
         return total
 
@@ -683,7 +704,7 @@ class _Levels:
         """
         total = self.weight()
         need = np.clip(np.ceil(np.clip(r, 0, None)), 1, max(total, 1)).astype(np.int64)
-        levels = self.sorted_levels()
+        levels = self.sorted_pieces()
         if not levels:
             return np.full(need.shape, np.nan)
         if not _is_np(levels[0][1]):
@@ -760,9 +781,11 @@ class _Levels:
         self.compactions = [int(m) for m in np.asarray(sd["compactions"])]
 
     def to(self, device: torch.device) -> None:
+        self._sort_fresh()
         self.pieces = [[_to_device(p, device) for p in pieces] for pieces in self.pieces]
 
     def copy(self) -> _Levels:
+        self._sort_fresh()
         new = _Levels(self.k, self.k_min, self.seed, self.stream)
         new.pieces = [[p.copy() if _is_np(p) else p.clone() for p in ps] for ps in self.pieces]
         new.compactions = list(self.compactions)
@@ -882,11 +905,11 @@ class Quantile(Stat):
 
     def _update_numpy(self, a: np.ndarray) -> None:
         """CPU path on the ``[B, C]`` batch as is (no full transpose)."""
-        lo, hi = a.min(0), a.max(0)
+        lo, hi = _reduce_columns(np.minimum, a), _reduce_columns(np.maximum, a)
         has_nan = bool(np.isnan(hi).any())  # max propagates NaN
         if has_nan:
-            self._nan = self._nan + np.count_nonzero(np.isnan(a), axis=0)
-            lo, hi = np.fmin.reduce(a, axis=0), np.fmax.reduce(a, axis=0)
+            self._nan = self._nan + _reduce_columns(np.add, np.isnan(a), np.int64)
+            lo, hi = _reduce_columns(np.fmin, a), _reduce_columns(np.fmax, a)
         self._min = np.fmin(self._min, lo)
         self._max = np.fmax(self._max, hi)
         if self._tail_active:
