@@ -618,7 +618,7 @@ class _ChunkLabels:
         lab = lab.reshape(n, layers, h * w)
         whole = torch.zeros(n, concepts, dtype=torch.bool, device=lab.device)
         if img is not None:
-            whole.scatter_(1, img, True)
+            whole.scatter_(1, img.long(), True)
         whole[:, 0] = False
         if _numpy_view(lab) is not None:
             self._prepare_numpy(lab.numpy(), whole.numpy(), concepts)
@@ -650,6 +650,7 @@ class _ChunkLabels:
 
     def _prepare_torch(self, lab: torch.Tensor, whole: torch.Tensor, has_whole: bool) -> None:
         n, layers, p = lab.shape
+        lab = lab.long()
         pixel = lab.clone()
         for layer in range(1, layers):
             repeat = (lab[:, layer : layer + 1] == lab[:, :layer]).any(1)
@@ -689,7 +690,8 @@ class _GemmTally:
         c_max = int(self.local.max()) if self.local.numel() else 0
         onehot = torch.zeros(n, p, c_max + 1, dtype=dtype, device=present.device)
         onehot[:, :, 0] = 1
-        pixel_local = self.local.gather(1, chunk.pixel.view(n, layers * p)).view(n, layers, p)
+        pixel_local = self.local.gather(1, chunk.pixel.long().view(n, layers * p))
+        pixel_local = pixel_local.view(n, layers, p)
         onehot.scatter_(2, pixel_local.transpose(1, 2), 1)
         rows, ids = chunk.whole_pairs
         onehot[rows, :, self.local[rows, ids]] = 1
@@ -777,14 +779,14 @@ def _tally_entries(
     layers, pixels = pixel.shape[1:]
     if _numpy_view(image) is not None:
         image, unit, px = image.numpy(), unit.numpy(), px.numpy()
-        label_of = pixel.numpy().reshape(-1)
-        offsets = np.arange(layers) * pixels
+        rows = np.ascontiguousarray(pixel.numpy().transpose(0, 2, 1))
+        rows = rows.reshape(rows.shape[0] * pixels, layers)
+        labels = rows[image * pixels + px]  # each entry's labels, one row gather
         bincount = np.bincount
     else:
-        label_of = pixel.reshape(-1)
         offsets = torch.arange(layers, device=image.device) * pixels
+        labels = pixel.reshape(-1)[(image * (layers * pixels) + px)[:, None] + offsets]
         bincount = torch.bincount
-    labels = label_of[(image * (layers * pixels) + px)[:, None] + offsets]
     keys = (unit[:, None] * concepts + labels).reshape(-1)
     counts = torch.as_tensor(bincount(keys, minlength=units * concepts))
     intersection += counts.to(intersection.device).view(units, concepts)
@@ -855,8 +857,11 @@ def _as_tensor(x: TensorLike) -> torch.Tensor:
 
 
 def _integer(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Concept ids in their own integer dtype (narrow ids move fewer bytes), or int64."""
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise ValueError(f"IoU.update expects integer concept ids in {name}, got dtype {t.dtype}")
+    if t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        return t
     return t.to(torch.int64)
 
 
