@@ -22,7 +22,9 @@ The generator is a chain of stages ``G = g_N(...g_1(z))`` (the children of an
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from nethook.atomic import atomic_path
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_FEATURES = "nethook.demo.scene_cnn:scene_cnn"
+SHIPPED = Path(__file__).with_name("gan")  # trained encoders shipped with nethook, by content key
 
 
 # ---------------------------------------------------------------------------
@@ -186,13 +189,23 @@ class LayerwiseEncoder(nn.Module):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How inverters are trained (part of every checkpoint's content key)."""
+    """How inverters are trained (part of every checkpoint's content key).
 
-    steps: int = 2000
+    ``steps`` is per stage: one number for all, or one per stage (inverters of
+    small early stages are cheap and take many steps). ``lambda_g`` weighs, in the joint phase, the L1 distance between the true
+    representations and those the generator makes from the estimated ``z`` (what
+    the encoder-alone measurement compares). ``cosine`` decays the learning rate
+    of each phase from ``lr`` to 0 along a half cosine (a function of the step,
+    so resumed training follows the same schedule).
+    """
+
+    steps: int | tuple[int, ...] = 2000
     joint_steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
     lambda_r: float = 0.01
+    lambda_g: float = 1.0
+    cosine: bool = True
     hidden: int = 128
     seed: int = 0
 
@@ -212,10 +225,80 @@ def _load(path: Path, key: str) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None
-    return state if state.get("key") == key else None
+    return state if isinstance(state, dict) and state.get("key") == key else None
+
+
+def _load_finished(
+    encoder: LayerwiseEncoder,
+    folders: Sequence[Path | None],
+    name: str,
+    key: str,
+    settings: TrainSettings,
+) -> bool:
+    """Load a fully trained encoder saved as ``folder/name`` under ``key`` into ``encoder``.
+
+    The first folder holding one wins (the checkpoint directory, then the
+    encoders shipped with nethook, :data:`SHIPPED`); returns whether one did.
+    """
+    for folder in folders:
+        state = _load(folder / name, key) if folder is not None else None
+        if state is not None and state["step"] >= settings.joint_steps:
+            encoder.load_state_dict(state["module"])
+            return True
+    return False
+
+
+def ship_encoder(
+    encoder: LayerwiseEncoder,
+    generator: nn.Module,
+    settings: TrainSettings,
+    folder: str | os.PathLike = "",
+    layers: Sequence[str] | None = None,
+) -> Path:
+    """Save a finished ``encoder`` slim (float16 weights, no optimizer) under its content key.
+
+    :func:`train_encoder` with the same generator weights, layers and
+    ``settings`` then loads it from ``folder`` (default :data:`SHIPPED`) instead
+    of training. Returns the path written (atomically).
+    """
+    from nethook.hashing import content_key, hash_model
+
+    chain = Chain(generator, layers)
+    model = hash_model(generator)
+    key = content_key(model=model, stage="joint", layers=chain.names, settings=asdict(settings))
+    module = {k: v.detach().cpu().half() for k, v in encoder.state_dict().items()}
+    path = Path(folder or SHIPPED) / f"encoder-{key[:16]}.pt"
+    state = {"key": key, "step": settings.joint_steps, "module": module, "model": model,
+             "layers": chain.names, "settings": asdict(settings)}  # fmt: skip
+    _save(path, state)
+    return path
+
+
+def shipped_settings(
+    generator: nn.Module, layers: Sequence[str] | None = None, folder: str | os.PathLike = ""
+) -> TrainSettings | None:
+    """The settings of an encoder shipped for exactly these generator weights, or None.
+
+    With them :func:`train_encoder` loads that encoder instead of training.
+    """
+    from nethook.hashing import hash_model
+
+    names = Chain(generator, layers).names
+    model = hash_model(generator)
+    for path in sorted(Path(folder or SHIPPED).glob("encoder-*.pt")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            continue
+        if state.get("model") == model and list(state.get("layers", ())) == names:
+            fields = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()
+            }
+            return TrainSettings(**fields)
+    return None
 
 
 def _train_loop(
@@ -246,6 +329,8 @@ def _train_loop(
                      total=steps):  # fmt: skip
         if stop_after is not None and done_now >= stop_after:
             break
+        for group in opt.param_groups:
+            group["lr"] = _learning_rate(settings, step, steps)
         opt.zero_grad()
         loss_fn(step).backward()
         opt.step()
@@ -255,6 +340,26 @@ def _train_loop(
     if checkpoint and done_now:
         _save(checkpoint, _state(key, start + done_now, module, opt))
     return start + done_now >= steps, done_now
+
+
+def _stage_steps(settings: TrainSettings, chain: Chain) -> list[int]:
+    """Training steps of each stage's inverter (``ValueError`` if the count does not fit)."""
+    steps = settings.steps
+    if isinstance(steps, int):
+        return [steps] * len(chain.names)
+    if len(steps) != len(chain.names):
+        raise ValueError(
+            f"TrainSettings.steps gives {len(steps)} step counts, but the generator has "
+            f"{len(chain.names)} stages {chain.names}"
+        )
+    return [int(s) for s in steps]
+
+
+def _learning_rate(settings: TrainSettings, step: int, steps: int) -> float:
+    """``settings.lr``, decayed along a half cosine over ``steps`` if ``settings.cosine``."""
+    if not settings.cosine:
+        return settings.lr
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
 def _state(key: str, step: int, module: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -295,13 +400,22 @@ def train_encoder(
     model_hash = hash_model(generator)
     ckdir = Path(checkpoint_dir) if checkpoint_dir else None
     budget = stop_after
+    encoder = LayerwiseEncoder(inverters)
+    joint = content_key(
+        model=model_hash, stage="joint", layers=chain.names, settings=asdict(settings)
+    )
+    if _load_finished(encoder, [ckdir, SHIPPED], f"encoder-{joint[:16]}.pt", joint, settings):
+        return encoder
+
+    stage_steps = _stage_steps(settings, chain)
 
     def batch_z(step: int, phase: int) -> torch.Tensor:
         seed = (settings.seed * 1_000_003 + phase * 100_003 + step) % (2**63)
         return chain.sample_z(settings.batch_size, seed, device)
 
     for i, (name, stage, inv) in enumerate(zip(chain.names, chain.stages, inverters, strict=True)):
-        key = content_key(model=model_hash, stage=name, index=i, settings=asdict(settings))
+        key = content_key(model=model_hash, stage=name, index=i, layers=chain.names,
+                          settings=asdict(settings))  # fmt: skip
 
         def loss_fn(step: int, i: int = i, stage: nn.Module = stage, inv: nn.Module = inv):
             with torch.no_grad():
@@ -313,29 +427,29 @@ def train_encoder(
 
         path = ckdir / f"inverter-{name}-{key[:16]}.pt" if ckdir else None
         finished, ran = _train_loop(
-            f"inverter {name}", list(inv.parameters()), loss_fn, settings.steps, settings, path,
+            f"inverter {name}", list(inv.parameters()), loss_fn, stage_steps[i], settings, path,
             key, inv, save_every, progress, budget,
         )  # fmt: skip
         if budget is not None:
             budget -= ran
         if not finished:
-            return LayerwiseEncoder(inverters)
-
-    encoder = LayerwiseEncoder(inverters)
-    key = content_key(model=model_hash, stage="joint", settings=asdict(settings))
+            return encoder
 
     def joint_loss(step: int) -> torch.Tensor:
         with torch.no_grad():
             rs = chain.representations(batch_z(step, 0))
         est = encoder.estimates(rs[-1])
         loss = sum((a - b).abs().mean() for a, b in zip(est, rs[:-1], strict=True))
-        recon = chain.forward_from(est[0], 0)
-        return loss + settings.lambda_r * (recon - rs[-1]).abs().mean()
+        made = chain.representations(est[0])
+        if settings.lambda_g:
+            pairs = zip(made[1:-1], rs[1:-1], strict=True)
+            loss = loss + settings.lambda_g * sum((a - b).abs().mean() for a, b in pairs)
+        return loss + settings.lambda_r * (made[-1] - rs[-1]).abs().mean()
 
-    path = ckdir / f"encoder-{key[:16]}.pt" if ckdir else None
+    path = ckdir / f"encoder-{joint[:16]}.pt" if ckdir else None
     _train_loop(
         "joint", list(encoder.parameters()), joint_loss, settings.joint_steps, settings, path,
-        key, encoder, save_every, progress, budget,
+        joint, encoder, save_every, progress, budget,
     )  # fmt: skip
     return encoder
 
@@ -418,39 +532,51 @@ def invert(
     lambda_reg: float = 1.0,
     steps: int = 300,
     lr: float = 0.01,
+    z_steps: int = 0,
+    z_lr: float = 0.05,
     progress: bool = False,
 ) -> Inversion:
     """The full method: ``z0 = E(x)``, then optimize ``delta_i`` of the stages up to ``layer``.
 
     Each image's loss is independent (per-image sums), so a batch inverts its
-    images separately. Returns ``z0``, the optimized ``r`` at ``layer`` and ``G_f(r)``.
+    images separately. With ``z_steps``, ``z0`` is first refined by that many
+    steps of optimizing ``z`` itself (:func:`invert_z` from ``E(x)``, rate
+    ``z_lr``): moving ``z`` moves every layer along the generator's own manifold,
+    where the ``delta_i`` only reach the directions of ``r`` the image reveals.
+    Returns ``z0``, the optimized ``r`` at ``layer`` and ``G_f(r)``.
     """
     chain = Chain(generator, layers)
     check_image_size(chain, x)
     k = chain.index(layer) + 1
     with torch.no_grad():
         z0 = encoder(x)
-        base = [z0]
+    if z_steps:
+        z0 = invert_z(generator, x, layer, layers=layers, features=features, lambda_v=lambda_v,
+                      steps=z_steps, lr=z_lr, z_init=z0, progress=progress).z  # fmt: skip
+    with torch.no_grad():
+        base = [chain.prepare_z(z0)]
         for stage in chain.stages[:k]:
             base.append(stage(base[-1]))
         target = features(x) if features is not None and lambda_v else None
     deltas = [torch.zeros_like(r, requires_grad=True) for r in base[1:]]
     opt = torch.optim.Adam(deltas, lr=lr)
-    for _ in tqdm(range(steps), desc="invert", disable=not progress):
-        opt.zero_grad()
-        r = z0
+
+    def forward() -> torch.Tensor:
+        r = base[0]
         for stage, delta in zip(chain.stages[:k], deltas, strict=True):
             r = stage(r) + delta
-        recon = chain.forward_from(r, k)
+        return r
+
+    for _ in tqdm(range(steps), desc="invert", disable=not progress):
+        opt.zero_grad()
+        recon = chain.forward_from(forward(), k)
         loss = _image_loss(recon, x, features, lambda_v, target).sum()
         loss = loss + lambda_reg * sum(d.pow(2).sum() for d in deltas)
         loss.backward()
         opt.step()
     with torch.no_grad():
-        r = z0
-        for stage, delta in zip(chain.stages[:k], deltas, strict=True):
-            r = stage(r) + delta
-        return Inversion(z=z0, r=r, x=chain.forward_from(r, k))
+        r = forward()
+        return Inversion(z=base[0], r=r, x=chain.forward_from(r, k))
 
 
 def invert_z(
@@ -463,10 +589,15 @@ def invert_z(
     lambda_v: float = 1.0,
     steps: int = 300,
     lr: float = 0.05,
+    cosine: bool = True,
     z_init: torch.Tensor | None = None,
     progress: bool = False,
 ) -> Inversion:
-    """Baseline (a): optimize ``z`` directly (from ``z_init``, default 0) to reconstruct ``x``."""
+    """Baseline (a): optimize ``z`` directly (from ``z_init``, default 0) to reconstruct ``x``.
+
+    Adam at rate ``lr``, decayed to 0 along a half cosine if ``cosine`` (the last
+    steps settle instead of jittering at the full rate).
+    """
     chain = Chain(generator, layers)
     check_image_size(chain, x)
     k = chain.index(layer) + 1
@@ -475,7 +606,9 @@ def invert_z(
     z = (z_init.clone() if z_init is not None else torch.zeros(len(x), chain.z_dim)).to(x.device)
     z = chain.prepare_z(z).detach().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
-    for _ in tqdm(range(steps), desc="invert z", disable=not progress):
+    for step in tqdm(range(steps), desc="invert z", disable=not progress):
+        if cosine:
+            opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.zero_grad()
         recon = chain.forward_from(z, 0)
         _image_loss(recon, x, features, lambda_v, target).sum().backward()
@@ -508,6 +641,21 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
 
 
+def pooled_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of all elements of ``a`` and ``b`` together (images, units, pixels).
+
+    The thesis's measure: one scatter of every recovered value against the true
+    one, so differences between images and between units count too.
+    """
+    a = a.flatten().double()
+    b = b.flatten().double()
+    if a.shape != b.shape:
+        raise ValueError(f"pooled_correlation: {a.numel()} values vs {b.numel()}")
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
 def inversion_correlations(
     generator: nn.Module,
     encoder: LayerwiseEncoder,
@@ -520,12 +668,19 @@ def inversion_correlations(
     lambda_v: float = 1.0,
     lambda_reg: float = 1.0,
     steps: int = 300,
+    lr: float = 0.01,
+    z_steps: int = 1000,
     progress: bool = False,
 ) -> xr.DataArray:
-    """Mean correlation with the truth, dims ``approach`` x ``quantity`` (z, r, x).
+    """Correlation with the truth, dims ``approach`` x ``quantity`` (z, r, x) x ``measure``.
 
-    Approaches: ``z_optimization`` (a), ``encoder`` (b), ``full`` (c), on ``n``
-    generated images from latents of ``seed`` (not a training seed).
+    Approaches, on ``n`` generated images from latents of ``seed`` (not a
+    training seed): ``z_optimization`` (a, :func:`invert_z`), ``encoder`` (b,
+    :func:`encode`), ``full`` (c, :func:`invert` with ``steps`` and ``lr``) and
+    ``full_z`` (c with ``z`` refined first, ``z_steps`` of :func:`invert_z` from
+    ``E(x)``); (a) gets ``steps + z_steps`` steps, as many as ``full_z``. Measures: ``pooled``, all values of all
+    images in one correlation (:func:`pooled_correlation`, the thesis's), and
+    ``per_image``, the mean of each image's correlation (:func:`correlation`).
     """
     chain = Chain(generator, layers)
     k = chain.index(layer) + 1
@@ -534,25 +689,39 @@ def inversion_correlations(
         rs = chain.representations(chain.sample_z(n, seed, device))
     truth = Inversion(z=rs[0], r=rs[k], x=rs[-1])
     x = truth.x
-    kw = {"layers": layers, "features": features, "lambda_v": lambda_v, "steps": steps}
+    kw = {"layers": layers, "features": features, "lambda_v": lambda_v, "steps": steps,
+          "progress": progress}  # fmt: skip
+    full = {"lambda_reg": lambda_reg, "lr": lr, **kw}
     results = {
-        "z_optimization": invert_z(generator, x, layer, progress=progress, **kw),
+        "z_optimization": invert_z(generator, x, layer, **{**kw, "steps": steps + z_steps}),
         "encoder": encode(generator, encoder, x, layer, layers),
-        "full": invert(
-            generator, encoder, x, layer, lambda_reg=lambda_reg, progress=progress, **kw
-        ),  # fmt: skip
+        "full": invert(generator, encoder, x, layer, **full),
+        "full_z": invert(generator, encoder, x, layer, z_steps=z_steps, **full),
     }
     quantities = ("z", "r", "x")
-    values = [
-        [float(correlation(getattr(res, q), getattr(truth, q)).mean()) for q in quantities]
-        for res in results.values()
-    ]
+    values = np.empty((len(results), len(quantities), 2))
+    for i, res in enumerate(results.values()):
+        for j, q in enumerate(quantities):
+            got, want = getattr(res, q), getattr(truth, q)
+            got = got.reshape(want.shape)
+            values[i, j] = pooled_correlation(got, want), float(correlation(got, want).mean())
     return xr.DataArray(
-        np.array(values),
-        dims=("approach", "quantity"),
-        coords={"approach": list(results), "quantity": list(quantities)},
+        values,
+        dims=("approach", "quantity", "measure"),
+        coords={
+            "approach": list(results),
+            "quantity": list(quantities),
+            "measure": ["pooled", "per_image"],
+        },  # fmt: skip
         name="correlation",
-        attrs={"layer": layer, "samples": n, "steps": steps},
+        attrs={
+            "layer": layer,
+            "samples": n,
+            "seed": seed,
+            "steps": steps,
+            "lr": lr,
+            "z_steps": z_steps,
+        },  # fmt: skip
     )
 
 

@@ -5,9 +5,12 @@
     nethook invert --generator nethook.gan.generator:scene_gan --layer layer2 \\
         --images scenes:n=2000,size=32,seed=1000 --out DIR \\
         [--n 8] [--rich-in tree,car | --fsd FSD_DIR/fsd.nc] [--segmenter scenes-seg]
+        [--train-steps 3000,1500,800,400,300 --joint-steps 600] [--z-steps 1000]
 
 Trains (or resumes, from ``DIR/inverters`` or ``--checkpoints``) the layer-wise
-encoder, then inverts ``n`` images: the first ``n`` of the source, or those
+encoder (or loads the one shipped for these generator weights, when no training
+steps are given), then inverts ``n`` images (``--z-steps``: refine ``z = E(x)``
+first): the first ``n`` of the source, or those
 richest in ``--rich-in`` classes or in the classes an ``nethook fsd`` result
 marks as dropped. Writes ``DIR/inversion.pt`` (indices, z, r, reconstructions)
 and ``DIR/index.html``: real | reconstruction | (with a segmenter) both
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_GENERATOR = "nethook.gan.generator:scene_gan"
 
@@ -42,9 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segmenter", help="segmenter spec (needed by --rich-in/--fsd)")
     parser.add_argument("--scan", type=int, default=200, help="images scanned for --rich-in")
     parser.add_argument("--checkpoints", type=Path, help="inverter checkpoints (OUT/inverters)")
-    parser.add_argument("--train-steps", type=int, default=2000, help="steps per inverter")
-    parser.add_argument("--joint-steps", type=int, default=1000, help="joint fine-tune steps")
+    parser.add_argument(
+        "--train-steps",
+        help="steps per inverter: one number, or one per stage comma-separated (default: the "
+        "shipped encoder's settings for these generator weights, else 2000)",
+    )
+    parser.add_argument("--joint-steps", type=int, help="joint fine-tune steps (default 1000)")
     parser.add_argument("--steps", type=int, default=300, help="per-image optimization steps")
+    parser.add_argument(
+        "--z-steps", type=int, default=0, help="first refine z = E(x) by this many steps"
+    )
     parser.add_argument(
         "--features", default="nethook.demo.scene_cnn:scene_cnn", help="perceptual net or 'none'"
     )
@@ -71,6 +82,28 @@ def _classes(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
+def settings_from(args: argparse.Namespace, generator: Any) -> Any:
+    """The encoder's TrainSettings: as given, else those of a shipped encoder, else defaults."""
+    from dataclasses import replace
+
+    from nethook.invert import TrainSettings, shipped_settings
+
+    if args.train_steps is None and args.joint_steps is None:
+        return shipped_settings(generator) or TrainSettings()
+    settings = TrainSettings()
+    if args.train_steps is not None:
+        try:
+            counts = tuple(int(v) for v in args.train_steps.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--train-steps must be a number or comma-separated numbers, got {args.train_steps!r}"
+            ) from None
+        settings = replace(settings, steps=counts[0] if len(counts) == 1 else counts)
+    if args.joint_steps is not None:
+        settings = replace(settings, joint_steps=args.joint_steps)
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     """Train/resume the encoder and invert the images described by ``args``."""
     import torch
@@ -79,7 +112,6 @@ def run(args: argparse.Namespace) -> int:
     from nethook.invert import (
         Chain,
         FeatureNet,
-        TrainSettings,
         check_image_size,
         invert,
         omission_page,
@@ -105,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             indices = list(range(min(args.n, len(source))))
         images = next(iter(real_batches(source, indices, len(indices), device)))
         check_image_size(Chain(generator), images)  # before any training
-        settings = TrainSettings(steps=args.train_steps, joint_steps=args.joint_steps)
+        settings = settings_from(args, generator)
         encoder = train_encoder(
             generator, settings=settings,
             checkpoint_dir=args.checkpoints or args.out / "inverters", progress=progress,
@@ -115,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             features = FeatureNet(args.features, args.feature_layer).to(device)
         result = invert(
             generator, encoder, images, args.layer, features=features, lambda_v=args.lambda_v,
-            lambda_reg=args.lambda_reg, steps=args.steps, progress=progress,
+            lambda_reg=args.lambda_reg, steps=args.steps, z_steps=args.z_steps, progress=progress,
         )  # fmt: skip
     except (ValueError, LookupError, FileNotFoundError) as exc:
         print(f"nethook invert: error: {exc}", file=sys.stderr)

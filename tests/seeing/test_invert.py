@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from nethook.invert import (
@@ -17,7 +20,10 @@ from nethook.invert import (
     inversion_correlations,
     invert,
     omission_page,
+    pooled_correlation,
     rich_in,
+    ship_encoder,
+    shipped_settings,
     train_encoder,
 )
 
@@ -53,10 +59,12 @@ def test_correlation_table_with_a_feature_network(trained):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3))
     features = FeatureNet(net, layer="1", size=None, mean=(0, 0, 0), std=(1, 1, 1))
-    table = inversion_correlations(generator, encoder, "layer1", n=4, features=features, steps=60)
-    assert table.dims == ("approach", "quantity")
-    assert list(table["approach"].values) == ["z_optimization", "encoder", "full"]
-    assert table.sel(approach="full", quantity="r") >= 0.99
+    table = inversion_correlations(
+        generator, encoder, "layer1", n=4, features=features, steps=60, z_steps=60
+    )
+    assert table.dims == ("approach", "quantity", "measure")
+    assert list(table["approach"].values) == ["z_optimization", "encoder", "full", "full_z"]
+    assert (table.sel(approach=["full", "full_z"], quantity="r") >= 0.99).all()
 
 
 def test_correlation_is_pearson():
@@ -162,3 +170,80 @@ def test_cli_refuses_wrong_size_before_training(tmp_path, monkeypatch, capsys):
     assert args.func(args) == 2
     assert "(3, 32, 32)" in capsys.readouterr().err
     assert not (tmp_path / "o" / "inverters").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 4), size=st.integers(2, 30), seed=st.integers(0, 2**31 - 1))
+def test_pooled_correlation_is_pearson_over_all_values(n, size, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, size))
+    b = 0.5 * a + rng.normal(size=(n, size)) + rng.normal(size=(n, 1))  # per-image offsets too
+    want = np.corrcoef(a.ravel(), b.ravel())[0, 1]
+    got = pooled_correlation(torch.from_numpy(a), torch.from_numpy(b))
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_shipped_encoder_is_loaded_instead_of_training(tmp_path, monkeypatch):
+    """A finished encoder saved by ship_encoder under its content key replaces training."""
+    import nethook.invert as inv
+
+    small = TrainSettings(steps=3, joint_steps=3, batch_size=2, hidden=8)
+    trained = train_encoder(ToyGenerator(seed=1), settings=small, progress=False)
+    path = ship_encoder(trained, ToyGenerator(seed=1), small, folder=tmp_path)
+    assert path.stat().st_size < 5e6
+    assert shipped_settings(ToyGenerator(seed=1), folder=tmp_path) == small
+    assert shipped_settings(ToyGenerator(seed=2), folder=tmp_path) is None
+    monkeypatch.setattr(inv, "SHIPPED", tmp_path)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although a shipped encoder matches")
+
+    monkeypatch.setattr(inv, "_train_loop", no_training)
+    loaded = train_encoder(ToyGenerator(seed=1), settings=small, progress=False)
+    for k, v in _params(loaded).items():
+        torch.testing.assert_close(v, _params(trained)[k].half().float())
+    with pytest.raises(AssertionError, match="trained although"):  # other weights: other key
+        train_encoder(ToyGenerator(seed=2), settings=small, progress=False)
+
+
+def test_refining_z_first_moves_z_towards_the_truth():
+    """From a poor encoder (z0 uncorrelated with z), refining z first recovers it, r with it."""
+    generator = ToyGenerator(seed=0)
+    poor = train_encoder(generator, settings=TrainSettings(steps=5, joint_steps=5, batch_size=8,
+                                                           hidden=16), progress=False)  # fmt: skip
+    chain = Chain(generator)
+    with torch.no_grad():
+        rs = chain.representations(chain.sample_z(6, seed=321))
+    kw = {"lambda_v": 0, "lambda_reg": 1e-3, "steps": 100, "lr": 0.03}
+    plain = invert(generator, poor, rs[-1], "layer2", **kw)
+    refined = invert(generator, poor, rs[-1], "layer2", z_steps=200, z_lr=0.1, **kw)
+    z_true = rs[0].flatten(1)
+    z_plain = pooled_correlation(plain.z.flatten(1), z_true)
+    z_refined = pooled_correlation(refined.z.flatten(1), z_true)
+    assert z_plain < 0.5 and z_refined > 0.9
+    assert pooled_correlation(refined.r, rs[2]) >= 0.99
+
+
+def test_per_stage_step_counts_must_match_the_stages():
+    with pytest.raises(
+        ValueError, match=r"2 step counts.*3 stages \['layer1', 'layer2', 'output'\]"
+    ):
+        train_encoder(ToyGenerator(), settings=TrainSettings(steps=(1, 1)), progress=False)
+
+
+def test_cli_names_a_bad_train_steps_value(tmp_path, monkeypatch, capsys):
+    from nethook.commands import invert as command
+
+    monkeypatch.setattr("nethook.models.load_model", lambda spec, weights=None: ToyGenerator())
+    monkeypatch.setattr(
+        "nethook.plugins.get_source", lambda spec: [{"image": torch.rand(3, 16, 16)}]
+    )
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["invert", "--layer", "layer1", "--images", "x", "--out",
+                              str(tmp_path), "--n", "1", "--train-steps", "3,x", "--quiet"])  # fmt: skip
+    assert args.func(args) == 2
+    assert (
+        "--train-steps must be a number or comma-separated numbers, got '3,x'"
+        in capsys.readouterr().err
+    )
