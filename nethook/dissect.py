@@ -400,22 +400,24 @@ class _IoUTally:
 
 
 def batch_labels(
-    data: Mapping[str, Any], input_size: tuple[int, int]
+    data: Mapping[str, Any], input_size: tuple[int, int], dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A batch's pixel labels ``[N, L, H, W]`` and whole-image labels ``[N, K]`` (or None).
 
     ``data`` is a concept source's batch (``labels`` and ``image_labels`` map each
     category to ``[N, 1, H, W]`` / ``[N, k]`` ids; without pixel labels, one layer of
     zeros at ``input_size``) or what :class:`_Recorder` stored (already stacked).
+    A source's ids are cast to ``dtype`` when given (before stacking: fewer bytes).
     """
     labels = data["labels"]
     image_labels = data.get("image_labels")
     if isinstance(labels, torch.Tensor):
         return labels, image_labels
-    parts = [t if t.ndim == 4 else t[:, None] for t in labels.values()]
+    parts = [(t if t.ndim == 4 else t[:, None]).to(dtype or t.dtype) for t in labels.values()]
     n = len(data["image"]) if "image" in data else len(data["index"])
-    stacked = torch.cat(parts, 1) if parts else torch.zeros((n, 1, *input_size), dtype=torch.int64)
-    whole = list((image_labels or {}).values())
+    zeros = torch.zeros((n, 1, *input_size), dtype=dtype or torch.int64)
+    stacked = torch.cat(parts, 1) if parts else zeros
+    whole = [t.to(dtype or t.dtype) for t in (image_labels or {}).values()]
     return stacked, torch.cat(whole, 1) if whole else None
 
 
@@ -457,18 +459,21 @@ class _Recorder:
         self.thumb = thumb
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
-        labels, image_labels = batch_labels(batch.data, self.input_size)
+        data = batch.data
+        for name in ("labels", "image_labels"):
+            given = data.get(name)
+            given = given.values() if isinstance(given, Mapping) else [given] * (given is not None)
+            for ids in given:
+                values = ids.numpy() if ids.device.type == "cpu" else ids  # numpy: faster
+                if ids.numel() and (int(values.max()) > self.top or int(values.min()) < 0):
+                    raise ValueError(
+                        f"the source's {name} hold concept ids outside its concept table "
+                        f"(0..{self.top}): {int(values.min())}..{int(values.max())}"
+                    )
+        labels, image_labels = batch_labels(data, self.input_size, self.dtype)
         out = {"labels": labels}
         if image_labels is not None:
             out["image_labels"] = image_labels
-        for name, ids in out.items():
-            values = ids.numpy() if ids.device.type == "cpu" else ids  # numpy: faster here
-            if ids.numel() and (int(values.max()) > self.top or int(values.min()) < 0):
-                raise ValueError(
-                    f"the source's {name} hold concept ids outside its concept table "
-                    f"(0..{self.top}): {int(values.min())}..{int(values.max())}"
-                )
-        out = {name: ids.to(self.dtype) for name, ids in out.items()}
         if self.thumb is not None:
             out["thumb"] = thumbnails(batch.data["image"], self.thumb)
         return out
