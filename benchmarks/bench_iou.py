@@ -3,6 +3,9 @@
 Side by side in one run (median of ``--repeat`` timings each):
 
 - ``IoU.update`` on bool masks and on float32 activations with thresholds;
+- ``IoU.update_on`` given the masks' on entries (image, unit, pixel), and with the
+  entries found from the activations (``ThresholdedUpsample`` at label resolution:
+  compare, then the indices of the on cells), as dissection does on CPU;
 - the unavoidable data touch: thresholding the activations into a float mask;
 - two alternative formulations of the intersection alone (no areas, no
   conditioning): a dense GEMM against a one-hot over all concepts, and a
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from nethook.stats.iou import IoU
+from nethook.upsample import ThresholdedUpsample
 
 CATEGORIES = ["object", "part", "color", "scene"]
 
@@ -134,6 +138,17 @@ def main() -> None:
         if not torch.equal(got[:, 1:], check.intersection()[:, 1:]):
             raise AssertionError(f"{alternative.__name__} disagrees with IoU on the same data")
 
+    entries = np.nonzero(masks.numpy().reshape(n, u, -1))
+    finder = ThresholdedUpsample((size, size), (size, size), (size, size))
+
+    def update_on(find: bool):
+        stat = IoU(u, table, categories=CATEGORIES)
+        if find:
+            return lambda: stat.update_on(
+                *finder.on(acts.numpy(), thr[0.005].numpy()), labels, scenes
+            )
+        return lambda: stat.update_on(*entries, labels, scenes)
+
     def update(method: str, density=None, lab=labels, img=scenes):
         stat = IoU(u, table, categories=CATEGORIES, method=method)
         if density is None:
@@ -147,6 +162,8 @@ def main() -> None:
         "IoU auto, activations + thresholds, 0.5% on": update("auto", 0.005),
         "IoU sparse, activations + thresholds, 0.5% on": update("sparse", 0.005),
         "IoU gemm, activations + thresholds, 0.5% on": update("gemm", 0.005),
+        "IoU update_on, the on entries of 0.5% masks": update_on(find=False),
+        "IoU update_on, entries found from activations, 0.5%": update_on(find=True),
         "ceiling: threshold only (numpy act >= T into bool)": lambda: np.greater_equal(
             acts.numpy(), thr[0.005].numpy()[None, :, None, None], out=on
         ),
