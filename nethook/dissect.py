@@ -609,9 +609,10 @@ def dissect(
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     precision = store_dtype if pass2 == "store" else None
+    model_hash = hash_model(model)
     key = content_key(
         precision=precision,
-        model=hash_model(model),
+        model=model_hash,
         source=source.fingerprint(),
         layers=layers,
         samples=n,
@@ -631,10 +632,10 @@ def dissect(
         progress=progress,
     )
 
-    shapes = _layer_shapes(model, layers, source, device)
+    first = source[0]
+    shapes = _layer_shapes(model, layers, source, first, device)
     prepare = {layer: _preparer(layer, shapes[layer], rotate, seed, precision) for layer in layers}
 
-    first = source[0]
     input_size = tuple(first["image"].shape[-2:])
     thumb = _thumb_size(input_size, gallery_size) if gallery_size else None
     key2 = content_key(pass1=key, pass2=pass2)
@@ -662,7 +663,7 @@ def dissect(
             block_samples=_block_samples(batch_size, shapes),
             attrs={
                 "model": model_spec,
-                "model_hash": hash_model(model),
+                "model_hash": model_hash,
                 "source": source_spec,
                 "source_fingerprint": source.fingerprint(),
                 "seed": seed,
@@ -807,37 +808,29 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _layer_shapes(model: nn.Module, layers: list[str], source, device) -> dict[str, tuple]:
-    """Shape of each layer's output on one sample (``[1, C, ...]``)."""
-    from nethook.runner import FunctionConsumer, run
+def _layer_shapes(
+    model: nn.Module, layers: list[str], source, sample: Mapping[str, Any], device
+) -> dict[str, tuple]:
+    """Shape of each layer's output on one ``sample`` of ``source`` (``[1, C, ...]``)."""
+    from nethook.runner import default_inputs
+    from nethook.trace import TraceDict
 
-    shapes: dict[str, tuple] = {}
-
-    def grab(batch) -> None:
-        for layer in layers:
-            act = batch.acts[layer]
-            if not isinstance(act, torch.Tensor) or act.ndim < 2:
-                raise ValueError(
-                    f"layer {layer!r} outputs {type(act).__name__} of shape "
-                    f"{getattr(act, 'shape', None)}; dissection needs [B, C, H, W] tensors"
-                )
-            shapes[layer] = tuple(act.shape)
-
-    run(
-        model,
-        source,
-        FunctionConsumer(grab, layers),
-        batch_size=1,
-        samples=1,
-        device=device,
-        progress=False,
+    device = torch.device(device) if device is not None else _model_device(model)
+    batch = (
+        source.collate([sample]) if hasattr(source, "collate") else {"image": sample["image"][None]}
     )
-    for layer, shape in shapes.items():
-        if len(shape) != 4:
+    with torch.no_grad(), TraceDict(model, layers, stop=True) as traces:
+        model(default_inputs(source, device)(batch))
+    shapes = {}
+    for layer in layers:
+        act = traces[layer].output
+        if not isinstance(act, torch.Tensor) or act.ndim != 4:
             raise ValueError(
-                f"layer {layer!r} outputs shape {shape}; dissection needs conv feature maps "
+                f"layer {layer!r} outputs {type(act).__name__} of shape "
+                f"{tuple(getattr(act, 'shape', ()))}; dissection needs conv feature maps "
                 "[B, C, H, W]"
             )
+        shapes[layer] = tuple(act.shape)
     return shapes
 
 
