@@ -8,7 +8,7 @@ row kept sorted):
 * the **tail** sees only the values at or above a per-channel threshold ``t_c``
   (padded with ``-inf`` so all channels keep the same length), set near the
   ``1 - tail`` quantile (default ``tail=0.02``) once the body first compacts, and
-  only ever raised. Every value ``>= t_c`` has therefore entered the tail, so for
+  only ever raised. Every value ``> t_c`` has therefore entered the tail, so for
   any ``v >= t_c`` the count of values above ``v`` comes from the tail alone,
   whose error scales with the tail's ~2% share of the stream rather than with
   ``N``. This is what makes q in [0.99, 0.999] ~10x more accurate than a
@@ -137,7 +137,7 @@ def _count_at_most(a: Array, v: Array, rows: np.ndarray | None = None) -> Array:
     """
     n = a.shape[1]
     if not _is_np(a):
-        return _torch_search(a, v, right=True)
+        return _torch_count_at_most(a, v)
     if n == 0:
         return np.zeros(v.shape, np.int64)
     if n <= _SCAN:
@@ -157,27 +157,17 @@ def _count_at_most(a: Array, v: Array, rows: np.ndarray | None = None) -> Array:
     return base - start + (flat[base] <= v)
 
 
-def _torch_search(a: torch.Tensor, v: torch.Tensor, right: bool) -> torch.Tensor:
-    """``torch.searchsorted`` per row, with NaN items never counted.
+def _torch_count_at_most(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``torch.searchsorted`` per row (items ``<= v``), with NaN items never counted.
 
     torch's bisection counts NaN items as below every value, so they are searched
     as ``+inf`` and taken off again where a query is ``+inf``.
     """
     nan = torch.isnan(a)
     if not bool(nan.any()):
-        return torch.searchsorted(a.contiguous(), v.contiguous(), right=right)
-    counts = torch.searchsorted(a.masked_fill(nan, np.inf), v.contiguous(), right=right)
-    if not right:
-        return counts
+        return torch.searchsorted(a.contiguous(), v.contiguous(), right=True)
+    counts = torch.searchsorted(a.masked_fill(nan, np.inf), v.contiguous(), right=True)
     return counts - torch.where(v == np.inf, nan.sum(1, keepdim=True), 0)
-
-
-def _count_below(a: Array, v: Array) -> Array:
-    """Per row of row-sorted ``a``: how many items are ``< v[c, j]`` (NaN items never)."""
-    if not _is_np(a):
-        return _torch_search(a, v, right=False)
-    below = _count_at_most(a, np.nextafter(v, -np.inf).astype(a.dtype))
-    return np.where(v == -np.inf, 0, below)
 
 
 _PIECES = 4  # sorted pieces a level may keep apart between compactions
@@ -352,13 +342,13 @@ def _merge_windows(
     return found, good, retry
 
 
-def _select_at_least(rows: Array, t: Array, nan: bool = True) -> Array:
-    """``[C, m]``: the items ``>= t[row]`` (and NaN) of every row, padded with -inf.
+def _select_above(rows: Array, t: Array, nan: bool = True) -> Array:
+    """``[C, m]``: the items ``> t[row]`` (and NaN) of every row, padded with -inf.
 
     The padding sorts below every query a tail answers, so it never counts as
     "above" anything; ``nan=False`` promises ``rows`` has no NaN (saves a pass).
     """
-    mask = rows >= t[:, None]
+    mask = rows > t[:, None]
     if _is_np(rows):
         if nan:
             mask |= np.isnan(rows)
@@ -413,8 +403,8 @@ def _transpose(a: np.ndarray) -> np.ndarray:
 
 
 def _select_columns(a: np.ndarray, t: np.ndarray, nan: bool) -> np.ndarray:
-    """``[C, m]``: the items ``>= t[c]`` (and NaN) of every column of ``[B, C]``, -inf padded."""
-    mask = a >= t
+    """``[C, m]``: the items ``> t[c]`` (and NaN) of every column of ``[B, C]``, -inf padded."""
+    mask = a > t
     if nan:
         mask |= np.isnan(a)
     counts = _reduce_columns(np.add, mask, np.int64)
@@ -688,22 +678,15 @@ class _Levels:
         self.extend(kept, h + 1, presorted=True)
 
     def prune(self, t: Array) -> None:
-        """Drop items below ``t[row]`` where every row can (lengths stay equal)."""
+        """Drop items ``<= t[row]`` where every row can (lengths stay equal)."""
         for h in range(len(self.pieces)):
             a = self.level(h)
-            keep = a.shape[1] - int(_numpy(_count_below(a, t[:, None])).min(initial=0))
+            keep = a.shape[1] - int(_numpy(_count_at_most(a, t[:, None])).min(initial=0))
             if keep < a.shape[1]:
                 rest = a[:, a.shape[1] - keep :]
                 self.pieces[h] = [rest.copy() if _is_np(rest) else rest.clone()]
 
     # readout ---------------------------------------------------------------
-    def weight_below(self, t: Array) -> np.ndarray:
-        """Per row: total weight of the items ``< t[row]`` (``[C]``, float64)."""
-        total = np.zeros(t.shape[0])
-        for h, a in self.sorted_pieces():
-            total += _numpy(_count_below(a, t[:, None]))[:, 0] * 2.0**h
-        return total
-
     def weight_at_most(self, v: Array) -> np.ndarray:
         """Per row and query: total weight of items ``<= v`` (``v`` is ``[C, Q]``)."""
         total = np.zeros(tuple(v.shape))
@@ -950,8 +933,8 @@ class Quantile(Stat):
         self._body.extend(rows)
 
     def _route_to_tail(self, rows: Array, nan: bool = True) -> None:
-        """Send every value ``>= threshold`` (and NaN) of ``[C, B]`` rows to the tail."""
-        selected = _select_at_least(rows, self._threshold, nan)
+        """Send every value ``> threshold`` (and NaN) of ``[C, B]`` rows to the tail."""
+        selected = _select_above(rows, self._threshold, nan)
         if selected.shape[1]:
             self._tail.extend(selected)
 
@@ -1053,11 +1036,11 @@ class Quantile(Stat):
         """``[C, Q]`` mask of the target counts ``r`` that the tail stack answers."""
         if not (self._tail_active and self._tail.size()):
             return np.zeros(r.shape, bool)
-        if "below" not in self._cache:
-            # Estimated count < threshold: N - (tail weight at or above it).
-            below = self._tail.weight_below(self._threshold)
-            self._cache["below"] = self.count - self._tail.weight() + below
-        return r > self._cache["below"][:, None]
+        if "at_most" not in self._cache:
+            # Estimated count <= threshold: N - (tail weight above it).
+            at_most = self._tail.weight_at_most(self._threshold[:, None])[:, 0]
+            self._cache["at_most"] = self.count - self._tail.weight() + at_most
+        return r > self._cache["at_most"][:, None]
 
     def _answers(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``[C, Q]`` quantile answers and a mask of those the tail stack gave.
@@ -1122,7 +1105,7 @@ class Quantile(Stat):
         count = _numpy(self._body.weight_at_most(query)).astype(np.float64)
         if self._tail_active and self._tail.size():
             tail = self.count - self._tail.weight() + _numpy(self._tail.weight_at_most(query))
-            count = np.where(v >= _numpy(self._threshold)[:, None], tail, count)
+            count = np.where(v > _numpy(self._threshold)[:, None], tail, count)
         count = np.clip(count, 0, valid)
         count = np.where(v < _numpy(self._min)[:, None], 0, count)
         count = np.where(v >= _numpy(self._max)[:, None], valid, count)
