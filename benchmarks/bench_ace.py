@@ -7,16 +7,19 @@ Runs the ``ace`` command (defaults: the model card's settings, ``--layer layer2
 phase timed: the quick dissection for the IoU initialization, the insertion
 constant, the causal unit search, the two ACE measurements, the ablation curve
 and the context test. Prints seconds and shares of the total, so what dominates
-is plain. Outputs go to a temporary directory.
+is plain, then the ablation curve of both rankings (thesis figure 4-4's
+comparison). Outputs go to a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 from nethook import causal, gandissect
 from nethook.commands import ace
@@ -67,13 +70,17 @@ def main() -> None:
         t = time.perf_counter()
         code = parsed.func(parsed)
         total = time.perf_counter() - t
-    if code != 0:
-        raise SystemExit(f"nethook ace exited with {code}")
+        if code != 0:
+            raise SystemExit(f"nethook ace exited with {code}")
+        result = json.loads((Path(out) / "ace.json").read_text())
     print(f"nethook {' '.join(argv[:-3])}: {total:.1f} s wall")
     for name in PHASES:
         print(f"  {name:<26} {spent[name]:7.1f} s  {spent[name] / total:6.1%}")
     other = total - sum(spent.values())
     print(f"  {'other (plots, json)':<26} {other:7.1f} s  {other / total:6.1%}")
+    print(f"share of {args.concept} removed by ablating the first m units of each ranking:")
+    for name, curve in result["curve"].items():
+        print(f"  {name:<14} " + "  ".join(f"{m}: {v:.2f}" for m, v in curve.items()))
 
 
 if __name__ == "__main__":

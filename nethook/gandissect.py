@@ -186,8 +186,10 @@ def concept_ids(labels: dict[str, torch.Tensor], num_ids: int | None = None) -> 
     layers = [t.reshape(t.shape[0], -1, *t.shape[-2:]) for t in labels.values()]
     ids = torch.cat(layers, dim=1).long()
     flat = ids.permute(0, 2, 3, 1).reshape(-1, ids.shape[1])
-    if num_ids is not None and flat.numel() and (flat.min() < 0 or flat.max() >= num_ids):
-        raise ValueError(f"segmenter returned concept ids outside [0, {num_ids})")
+    if num_ids is not None and flat.numel():
+        low, high = torch.aminmax(flat)
+        if low < 0 or high >= num_ids:
+            raise ValueError(f"segmenter returned concept ids outside [0, {num_ids})")
     return flat
 
 
@@ -261,10 +263,19 @@ class LayerDistribution:
     concepts (default: every id seen). ``pixel_step > 1`` keeps every
     ``pixel_step``-th pixel (deterministic thinning; thresholds need far fewer
     pixels than IoU counts).
+
+    Each concept's rows are buffered and fed to its sketch in blocks of about
+    ``buffer // channels`` rows in all (one sketch update per concept per block
+    instead of per batch: most concepts cover few pixels of a batch); call
+    :meth:`flush` before reading the sketches (:func:`iqr_thresholds` does).
     """
 
     def __init__(
-        self, pixel_step: int = 1, k: int = 2048, concepts: Sequence[int] | None = None
+        self,
+        pixel_step: int = 1,
+        k: int = 2048,
+        concepts: Sequence[int] | None = None,
+        buffer: int = 1 << 23,
     ) -> None:
         self.overall = Quantile(k=k)
         self.conditional = Conditional(lambda: Quantile(k=k, tail_k=256))
@@ -272,6 +283,9 @@ class LayerDistribution:
         self.concepts = None if concepts is None else {int(c) for c in concepts}
         self.label_count: np.ndarray | None = None
         self.count = 0
+        self.buffer = int(buffer)
+        self._pending: dict[int, list[torch.Tensor]] = {}
+        self._pending_size = 0
 
     def update(self, acts: torch.Tensor, presence: torch.Tensor) -> None:
         """Add pixels ``acts [N, C]`` with their concept presence ``[N, K]`` (or ids ``[N, L]``)."""
@@ -286,17 +300,27 @@ class LayerDistribution:
         rows, cols = present_pairs(presence, keys)
         counts = torch.bincount(cols.cpu(), minlength=len(keys)).numpy().astype(np.int64)
         counts = counts[: len(keys)]
-        # one gather, then Conditional's keyed update with each concept's run of rows
+        # one gather; each concept's run of rows waits for Conditional's keyed update
         runs = acts.index_select(0, rows.to(acts.device)).split(counts.tolist())
         for key, run in zip(keys, runs, strict=True):
             if len(run):
-                self.conditional.update(run, key)
+                self._pending.setdefault(key, []).append(run)
+        self._pending_size += len(rows) * acts.shape[1]
+        if self._pending_size >= self.buffer:
+            self.flush()
         if self.label_count is None:
             self.label_count = np.zeros(0, np.int64)
         if len(self.label_count) < width:
             self.label_count = np.pad(self.label_count, (0, width - len(self.label_count)))
         self.label_count[keys] += counts
         self.count += acts.shape[0]
+
+    def flush(self) -> None:
+        """Feed the buffered rows to the conditional sketches."""
+        for key, runs in sorted(self._pending.items()):
+            self.conditional.update(torch.cat(runs), key)
+        self._pending.clear()
+        self._pending_size = 0
 
 
 def _max_id(ids: torch.Tensor) -> int:
@@ -312,6 +336,7 @@ def iqr_thresholds(
     (:func:`candidate_levels`). Returns ``(thresholds, iqr)``, each ``[C, K]`` for
     the ``K`` concept ids given; a concept never seen gets threshold ``+inf``, IQR 0.
     """
+    dist.flush()
     levels = candidate_levels() if levels is None else np.asarray(levels)
     cand = dist.overall.quantiles(levels).cpu().numpy().astype(np.float64)  # [C, J]
     cand = np.maximum.accumulate(cand, axis=1)
