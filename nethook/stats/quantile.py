@@ -497,13 +497,13 @@ class _Levels:
 
     Level ``h`` holds items of weight ``2**h`` as up to ``_PIECES`` ``[C, n]`` arrays
     ("pieces"), each sorted along every row (all rows have the same length), so
-    readouts search them directly, with no sort. New items arrive as sorted pieces.
-    When the stack holds more than its budget, the lowest level at or over its
-    capacity ``cap_h`` is compacted in chunks of ``cap_h`` consecutive (sorted)
-    items: from each chunk every other item (random offset, per row and chunk)
-    moves up. Capacities follow KLL: ``cap_h = max(k_min, k * c**(H-1-h))``,
-    ``c = 2/3``. Everything depends only on each level's items, never on their
-    order of arrival, which keeps results deterministic however updates are split.
+    readouts search them directly. New unsorted items wait in ``fresh`` until their
+    level compacts or a readout needs them. When the stack holds more than its
+    budget, the lowest level at or over its capacity ``cap_h`` is sorted whole and
+    compacted: every other item (random offset per row) moves up. Capacities follow
+    KLL: ``cap_h = max(k_min, k * c**(H-1-h))``, ``c = 2/3``. Everything depends
+    only on each level's items, never on their order or on how they are split into
+    pieces, which keeps results deterministic however updates and readouts interleave.
     """
 
     def __init__(self, k: int, k_min: int, seed: int, stream: int):
@@ -1073,11 +1073,15 @@ class Quantile(Stat):
 
         Each answer is a stored value (no interpolation) whose rank is within
         :meth:`rank_error_bound` of ``q``; ``q = 0`` and ``q = 1`` give the exact
-        minimum and maximum.
+        minimum and maximum. The last answers are kept until the next change, so
+        asking again for the same ``qs`` costs nothing.
         """
         self._require()
-        out, _ = self._answers(_as_qs(qs))
-        return torch.from_numpy(np.ascontiguousarray(out)).to(self._device)
+        q = _as_qs(qs)
+        last = self._cache.get("quantiles")
+        if last is None or not np.array_equal(last[0], q):
+            last = self._cache["quantiles"] = (q, np.ascontiguousarray(self._answers(q)[0]))
+        return torch.from_numpy(last[1].copy()).to(self._device)
 
     def cdf(self, values: torch.Tensor | np.ndarray | float) -> torch.Tensor:
         """Estimated share of each channel's (non-NaN) values ``<= values``.
