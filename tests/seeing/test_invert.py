@@ -247,3 +247,27 @@ def test_cli_names_a_bad_train_steps_value(tmp_path, monkeypatch, capsys):
         "--train-steps must be a number or comma-separated numbers, got '3,x'"
         in capsys.readouterr().err
     )
+
+
+def test_the_demo_generator_ships_a_trained_encoder(monkeypatch):
+    """scene_gan's encoder loads (weights_only) without training and beats chance on r."""
+    import nethook.invert as inv
+    from nethook.gan.generator import WEIGHTS, scene_gan
+
+    if not WEIGHTS.is_file():
+        pytest.skip("demo generator weights absent")
+    generator = scene_gan()
+    settings = shipped_settings(generator)
+    assert settings is not None, "no shipped encoder matches scene_gan's weights: re-ship one"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained although the shipped encoder matches")
+
+    monkeypatch.setattr(inv, "_train_loop", no_training)
+    encoder = train_encoder(generator, settings=settings, progress=False)
+    chain = Chain(generator)
+    with torch.no_grad():
+        rs = chain.representations(chain.sample_z(16, seed=10_001))
+    got = encode(generator, encoder, rs[-1], "layer1")
+    assert pooled_correlation(got.r, rs[1]) > 0.5
+    assert pooled_correlation(got.x, rs[-1]) > 0.7
