@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from nethook.atomic import atomic_dir, atomic_path
 from nethook.stats.base import Stat, from_state_dict
 
 __all__ = ["cached", "load", "load_zarr_group", "read_attrs", "read_key", "save", "save_zarr_group"]
@@ -52,28 +51,15 @@ def save(
     ``attrs`` (model, layer, source, ...) are stored alongside. Returns the path."""
     path = Path(path)
     state = stat.state_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        if _is_npz(path):
+    if _is_npz(path):
+        with atomic_path(path, suffix=".npz", fsync=True) as tmp:
             _write_npz(tmp, state, key, attrs)
-            os.replace(tmp, path)
-        else:
-            import zarr
+        return path
+    import zarr
 
-            save_zarr_group(
-                stat,
-                zarr.open_group(store=str(tmp), mode="w", zarr_format=3),
-                key=key,
-                attrs=attrs,
-                state=state,
-            )
-            _replace_dir(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+    with atomic_dir(path) as tmp:
+        group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
+        save_zarr_group(stat, group, key=key, attrs=attrs, state=state)
     return path
 
 
@@ -155,26 +141,10 @@ def _is_npz(path: Path) -> bool:
     return path.suffix.lower() == ".npz"
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Rename directory ``tmp`` to ``path``, replacing what is there."""
-    if not path.exists():
-        os.replace(tmp, path)
-        return
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
-    os.replace(path, old)
-    os.replace(tmp, path)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
-
-
 def _write_npz(tmp: Path, state: dict[str, Any], key, attrs) -> None:
     arrays, manifest = _encode(state, key, attrs)
     with open(tmp, "wb") as f:
         np.savez(f, **{_MANIFEST: np.array(json.dumps(manifest))}, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _encode(
