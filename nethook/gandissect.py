@@ -49,7 +49,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
@@ -184,8 +183,13 @@ def concept_ids(labels: dict[str, torch.Tensor], num_ids: int | None = None) -> 
     activations. With ``num_ids``, ids outside ``[0, num_ids)`` are an error.
     """
     layers = [t.reshape(t.shape[0], -1, *t.shape[-2:]) for t in labels.values()]
-    ids = torch.cat(layers, dim=1).long()
-    flat = ids.permute(0, 2, 3, 1).reshape(-1, ids.shape[1])
+    if all(t.device.type == "cpu" for t in layers):
+        # numpy on CPU: a few single-threaded copies, no thread start-up per small op
+        ids = np.concatenate([t.numpy() for t in layers], axis=1).astype(np.int64, copy=False)
+        flat = torch.from_numpy(np.ascontiguousarray(ids.transpose(0, 2, 3, 1)))
+    else:
+        flat = torch.cat(layers, dim=1).long().permute(0, 2, 3, 1)
+    flat = flat.reshape(-1, flat.shape[-1])
     if num_ids is not None and flat.numel():
         low, high = torch.aminmax(flat)
         if low < 0 or high >= num_ids:
@@ -478,12 +482,14 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 class _GalleryImages:
-    """Thumbnails and feature maps of the report sample's current top images, kept
-    as the report pass goes (so the galleries need no second generator pass)."""
+    """Images and feature maps of the report sample's current top images, kept as the
+    report pass goes (so the galleries need no second generator pass). Images are
+    kept as they are when no larger than the thumbnails, else as thumbnails; the few
+    small ops per batch matter on a busy CPU."""
 
     def __init__(self, size: int) -> None:
         self.size = int(size)
-        self.thumbs: dict[int, torch.Tensor] = {}
+        self.images: dict[int, torch.Tensor] = {}
         self.features: dict[int, torch.Tensor] = {}
         self.image_size: tuple[int, int] = (size, size)
 
@@ -491,28 +497,33 @@ class _GalleryImages:
         """Keep the images of ``batch`` (sample offset ``start``) that are now among the
         top ones, and forget those that dropped out."""
         wanted = set(top_index.flatten().tolist())
-        for i in [i for i in self.thumbs if i not in wanted]:
-            del self.thumbs[i], self.features[i]
+        for i in [i for i in self.images if i not in wanted]:
+            del self.images[i], self.features[i]
         new = sorted(i for i in wanted if start <= i < start + len(batch.z))
         if not new:
             return
         rows = torch.as_tensor(new, device=batch.images.device) - start
-        images = batch.images.index_select(0, rows).float().clamp(0, 1)
-        thumbs = F.interpolate(images, size=(self.size, self.size), mode="nearest")
-        thumbs = (thumbs * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        images = batch.images.index_select(0, rows)
+        self.image_size = tuple(images.shape[-2:])
+        if self._shrink():
+            images = _thumbnails(images, self.size)
         features = batch.features.index_select(0, rows)
         for j, i in enumerate(new):
-            self.thumbs[i], self.features[i] = thumbs[j], features[j]
-        self.image_size = tuple(batch.images.shape[-2:])
+            self.images[i], self.features[i] = images[j], features[j]
+
+    def _shrink(self) -> bool:
+        """Whether thumbnails are smaller than the images (then they are kept instead)."""
+        return self.image_size[0] * self.image_size[1] > self.size**2
 
     def add_to(self, ds: xr.Dataset) -> None:
         """Add ``top_image`` and ``top_mask`` (each unit's map at its ``threshold``) to ``ds``."""
         top = torch.as_tensor(ds["top_index"].values)
         units, ranks = top.shape
-        order = sorted(self.thumbs)
+        order = sorted(self.images)
         row = {i: j for j, i in enumerate(order)}
         pick = torch.as_tensor([row[int(i)] for i in top.flatten().tolist()], dtype=torch.long)
-        thumbs = torch.stack([self.thumbs[i] for i in order]).cpu()
+        images = torch.stack([self.images[i] for i in order])
+        thumbs = (images if self._shrink() else _thumbnails(images, self.size)).cpu()
         features = torch.stack([self.features[i] for i in order])
         pick = pick.to(features.device)
         unit = torch.arange(units, device=features.device).repeat_interleave(ranks)
@@ -523,3 +534,20 @@ class _GalleryImages:
         images = thumbs[pick.cpu()].view(units, ranks, self.size, self.size, 3)
         ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), images.numpy())
         ds["top_mask"] = (("unit", "rank", "y", "x"), masks.cpu().numpy())
+
+
+def _thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Uint8 ``[B, size, size, 3]`` thumbnails of images ``[B, 3, H, W]`` in [0, 1]."""
+    small = _nearest(images.float().clamp(0, 1), size)
+    return (small * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _nearest(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``images [B, C, H, W]`` resized to ``size x size`` by picking the nearest pixel
+    (the pixels ``F.interpolate(mode="nearest")`` picks; two index selects)."""
+    picks = []
+    for n in images.shape[-2:]:
+        scale = torch.tensor(n / size, dtype=torch.float32)
+        index = (torch.arange(size, dtype=torch.float32) * scale).floor().long().clamp(max=n - 1)
+        picks.append(index.to(images.device))
+    return images.index_select(2, picks[0]).index_select(3, picks[1])

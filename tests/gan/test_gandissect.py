@@ -115,23 +115,27 @@ def test_layer_that_is_not_a_feature_map_names_its_shape(planted):
         gandissect(gen, "layer.linear", seg, n=4, batch_size=4, progress=False)
 
 
-def test_galleries_show_each_units_top_images_and_masks(planted):
-    """Top images by each unit's peak activation, as thumbnails, with the unit's mask at
-    its threshold; small batches make the running top set change as the pass goes."""
+@pytest.mark.parametrize("size", [16, 48])
+def test_galleries_show_each_units_top_images_and_masks(planted, size):
+    """Top images by each unit's peak activation, as thumbnails (smaller and larger than
+    the 32 px images), with the unit's mask at its threshold; small batches make the
+    running top set change as the pass goes."""
     gen, seg = planted
-    ds = gandissect(gen, "layer", seg, n=40, batch_size=7, gallery=3, thumbnail=16, progress=False)
+    ds = gandissect(
+        gen, "layer", seg, n=40, batch_size=7, gallery=3, thumbnail=size, progress=False
+    )
     z = sample_z(gen, 40, ds.attrs["report_seed"])
     with torch.no_grad():
         r = gen.layer(z)
         images = gen(z)
     peak = r.amax(dim=(2, 3))
-    thumbs = torch.nn.functional.interpolate(images.clamp(0, 1), size=(16, 16), mode="nearest")
+    thumbs = torch.nn.functional.interpolate(images.clamp(0, 1), size=(size, size), mode="nearest")
     thumbs = (thumbs * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     for u in range(r.shape[1]):
         want = torch.argsort(-peak[:, u], stable=True)[:3]
         assert ds["top_index"].values[u].tolist() == want.tolist()
         got = ds["top_image"].values[u].astype(int)
         assert np.abs(got - thumbs[want].numpy()).max() <= 1  # batch-size rounding only
-        up = upsample(r[want, u : u + 1], (16, 16), (32, 32))[:, 0]
+        up = upsample(r[want, u : u + 1], (size, size), (32, 32))[:, 0]
         mask = (up > float(ds["threshold"].values[u])).numpy()
         assert (ds["top_mask"].values[u] != mask).mean() < 0.01  # float ties at the threshold
