@@ -1,7 +1,8 @@
 """Benchmark: how well layer-wise inversion recovers z, r and x, beside the thesis's figures.
 
     .venv/bin/python benchmarks/bench_invert.py [--layer layer1] [--n 8] [--steps 300]
-        [--lr 0.01] [--z-steps 1000] [--train-steps S | S1,S2,...] [--joint-steps J]
+        [--lr 0.01] [--z-steps 3000] [--z-lr 0.1]
+        [--train-steps S | S1,S2,...] [--joint-steps J]
         [--checkpoints DIR] [--threads 1]
 
 On ``--n`` images the demo generator (``scene_gan``, shipped weights) makes from
@@ -74,7 +75,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--train-steps", help="per stage: N or N1,N2,... (default: shipped)")
     parser.add_argument("--joint-steps", type=int)
-    parser.add_argument("--z-steps", type=int, default=1000)
+    parser.add_argument("--z-steps", type=int, default=3000)
+    parser.add_argument("--z-lr", type=float, default=0.1)
     parser.add_argument("--checkpoints", default="/tmp/nethook-bench-invert")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quiet", action="store_true")
@@ -98,7 +100,7 @@ def main() -> None:
     start = time.perf_counter()
     table = inversion_correlations(generator, encoder, args.layer, n=args.n,
                                    features=FeatureNet(), steps=args.steps, lr=args.lr,
-                                   z_steps=args.z_steps)  # fmt: skip
+                                   z_steps=args.z_steps, z_lr=args.z_lr)  # fmt: skip
     took = time.perf_counter() - start
 
     print(
@@ -108,7 +110,8 @@ def main() -> None:
           f"{settings.batch_size}, lr {settings.lr} cosine={settings.cosine}, "
           f"lambda_g {settings.lambda_g} ({trained:.0f} s here: loaded if shipped or resumed)")  # fmt: skip
     print(f"  per-image optimization: {args.steps} Adam steps of delta, lr {args.lr}; (c+z) "
-          f"first {args.z_steps} steps of z; (a) {args.steps + args.z_steps} steps of z from 0 "
+          f"first {args.z_steps} steps of z at lr {args.z_lr}; (a) {args.steps + args.z_steps} "
+          f"steps of z from 0 at lr {args.z_lr} "
           f"({took:.0f} s for all)")  # fmt: skip
     above2, above3, dim = identifiable_directions(generator, args.layer)
     print(f"  r at {args.layer} has {dim} values; the image reveals {above2} directions of it "

@@ -533,7 +533,7 @@ def invert(
     steps: int = 300,
     lr: float = 0.01,
     z_steps: int = 0,
-    z_lr: float = 0.05,
+    z_lr: float = 0.1,
     progress: bool = False,
 ) -> Inversion:
     """The full method: ``z0 = E(x)``, then optimize ``delta_i`` of the stages up to ``layer``.
@@ -669,7 +669,8 @@ def inversion_correlations(
     lambda_reg: float = 1.0,
     steps: int = 300,
     lr: float = 0.01,
-    z_steps: int = 1000,
+    z_steps: int = 3000,
+    z_lr: float = 0.1,
     progress: bool = False,
 ) -> xr.DataArray:
     """Correlation with the truth, dims ``approach`` x ``quantity`` (z, r, x) x ``measure``.
@@ -678,7 +679,8 @@ def inversion_correlations(
     training seed): ``z_optimization`` (a, :func:`invert_z`), ``encoder`` (b,
     :func:`encode`), ``full`` (c, :func:`invert` with ``steps`` and ``lr``) and
     ``full_z`` (c with ``z`` refined first, ``z_steps`` of :func:`invert_z` from
-    ``E(x)``); (a) gets ``steps + z_steps`` steps, as many as ``full_z``. Measures: ``pooled``, all values of all
+    ``E(x)`` at rate ``z_lr``); (a) gets ``steps + z_steps`` steps at ``z_lr``,
+    as many as ``full_z`` has in all. Measures: ``pooled``, all values of all
     images in one correlation (:func:`pooled_correlation`, the thesis's), and
     ``per_image``, the mean of each image's correlation (:func:`correlation`).
     """
@@ -693,10 +695,12 @@ def inversion_correlations(
           "progress": progress}  # fmt: skip
     full = {"lambda_reg": lambda_reg, "lr": lr, **kw}
     results = {
-        "z_optimization": invert_z(generator, x, layer, **{**kw, "steps": steps + z_steps}),
+        "z_optimization": invert_z(
+            generator, x, layer, **{**kw, "steps": steps + z_steps, "lr": z_lr}
+        ),  # fmt: skip
         "encoder": encode(generator, encoder, x, layer, layers),
         "full": invert(generator, encoder, x, layer, **full),
-        "full_z": invert(generator, encoder, x, layer, z_steps=z_steps, **full),
+        "full_z": invert(generator, encoder, x, layer, z_steps=z_steps, z_lr=z_lr, **full),
     }
     quantities = ("z", "r", "x")
     values = np.empty((len(results), len(quantities), 2))

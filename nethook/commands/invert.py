@@ -5,7 +5,7 @@
     nethook invert --generator nethook.gan.generator:scene_gan --layer layer2 \\
         --images scenes:n=2000,size=32,seed=1000 --out DIR \\
         [--n 8] [--rich-in tree,car | --fsd FSD_DIR/fsd.nc] [--segmenter scenes-seg]
-        [--train-steps 3000,1500,800,400,300 --joint-steps 600] [--z-steps 1000]
+        [--train-steps 3000,1500,800,400,300 --joint-steps 600] [--z-steps 3000]
 
 Trains (or resumes, from ``DIR/inverters`` or ``--checkpoints``) the layer-wise
 encoder (or loads the one shipped for these generator weights, when no training
@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--z-steps", type=int, default=0, help="first refine z = E(x) by this many steps"
     )
+    parser.add_argument("--z-lr", type=float, default=0.1, help="rate of the z refinement")
     parser.add_argument(
         "--features", default="nethook.demo.scene_cnn:scene_cnn", help="perceptual net or 'none'"
     )
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
             features = FeatureNet(args.features, args.feature_layer).to(device)
         result = invert(
             generator, encoder, images, args.layer, features=features, lambda_v=args.lambda_v,
-            lambda_reg=args.lambda_reg, steps=args.steps, z_steps=args.z_steps, progress=progress,
+            lambda_reg=args.lambda_reg, steps=args.steps, z_steps=args.z_steps, z_lr=args.z_lr,
+            progress=progress,
         )  # fmt: skip
     except (ValueError, LookupError, FileNotFoundError) as exc:
         print(f"nethook invert: error: {exc}", file=sys.stderr)
