@@ -333,11 +333,12 @@ class ThresholdedUpsample:
         ti, tj = i[group], j[group]
         th, tw = int(ay.length[ti[0]]), int(ax.length[tj[0]])
         a00, a01, a10, a11 = (c[group] for c in corners)
-        fy = ay.frac[ay.start[ti][:, None] + np.arange(th)].astype(dtype)
-        fx = ax.frac[ax.start[tj][:, None] + np.arange(tw)].astype(dtype)
+        fy = ay.fractions(dtype)[ti, :th]
+        fx = ax.fractions(dtype)[tj, :tw]
         top = a00[:, None] + (a01 - a00)[:, None] * fx
         bottom = a10[:, None] + (a11 - a10)[:, None] * fx
-        values = top[:, None, :] + (bottom - top)[:, None, :] * fy[:, :, None]
+        values = (bottom - top)[:, None, :] * fy[:, :, None]
+        values += top[:, None, :]
         hit = np.flatnonzero(values >= thr[:, None, None])
         tile, rc = np.divmod(hit, th * tw)
         r, c = np.divmod(rc, tw)
@@ -347,9 +348,7 @@ class ThresholdedUpsample:
 def _tile_groups(heights: np.ndarray, widths: np.ndarray) -> list[np.ndarray]:
     """Indices of the tiles grouped by (height, width): few sizes, so no padding."""
     key = heights * (int(widths.max()) + 1) + widths
-    order = np.argsort(key, kind="stable")
-    edges = np.flatnonzero(np.diff(key[order])) + 1
-    return np.split(order, edges)
+    return [np.flatnonzero(key == k) for k in np.unique(key)]
 
 
 class _AxisTiles:
@@ -357,7 +356,7 @@ class _AxisTiles:
 
     Tile ``i`` holds the pixels ``start[i] .. start[i] + length[i] - 1``, those whose
     lower support cell is ``i``; ``hi[i]`` is their upper cell and ``frac`` the upper
-    cell's weight per pixel.
+    cell's weight per pixel (also tabulated per tile by :meth:`fractions`).
     """
 
     def __init__(self, lo: np.ndarray, hi: np.ndarray, frac: np.ndarray, n_cells: int):
@@ -366,6 +365,16 @@ class _AxisTiles:
         self.length = np.searchsorted(lo, cells, side="right") - self.start
         self.hi = np.minimum(cells + 1, n_cells - 1)
         self.frac = frac
+        index = self.start[:, None] + np.arange(max(1, int(self.length.max())))
+        self._table = frac[np.minimum(index, len(frac) - 1)]  # [cell, pixel of its tile]
+        self._typed: dict[np.dtype, np.ndarray] = {}
+
+    def fractions(self, dtype: np.dtype) -> np.ndarray:
+        """``[cell, r]``: the upper cell's weight at pixel ``r`` of the cell's tile (padded)."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._typed:
+            self._typed[dtype] = self._table.astype(dtype)
+        return self._typed[dtype]
 
 
 def grid_upsample(
