@@ -527,11 +527,15 @@ class _GalleryImages:
         features = torch.stack([self.features[i] for i in order])
         pick = pick.to(features.device)
         unit = torch.arange(units, device=features.device).repeat_interleave(ranks)
-        maps = features[pick, unit][:, None].float()  # [units * ranks, 1, h, w]
+        channels, h, w = features.shape[1:]
+        flat = features.reshape(-1, h, w)
+        maps = flat.index_select(0, pick * channels + unit)[
+            :, None
+        ].float()  # [units * ranks, 1, h, w]
         up = upsample(maps, (self.size, self.size), self.image_size)
         thr = torch.as_tensor(ds["threshold"].values, device=up.device)
         masks = up.view(units, ranks, self.size, self.size) > thr.view(-1, 1, 1, 1)
-        images = thumbs[pick.cpu()].view(units, ranks, self.size, self.size, 3)
+        images = thumbs.index_select(0, pick.cpu()).view(units, ranks, self.size, self.size, 3)
         ds["top_image"] = (("unit", "rank", "y", "x", "rgb"), images.numpy())
         ds["top_mask"] = (("unit", "rank", "y", "x"), masks.cpu().numpy())
 
