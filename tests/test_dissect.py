@@ -413,3 +413,24 @@ def test_dissect_command_on_broden(tmp_path: Path, capsys) -> None:
     assert (out / "img" / "rotation.png").is_file()
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["layers"]) == {"1", "2"}
+
+
+def test_dissect_command_pass2_modes_agree(tmp_path: Path) -> None:
+    from nethook.cli import main
+    from tests.plugins.broden_fixture import make_broden
+
+    root = make_broden(tmp_path, n_images=6, size=32, seg_size=16)
+    model_file = tmp_path / "planted.py"
+    model_file.write_text(
+        "from tests.test_dissect import planted_model\n\ndef build():\n    return planted_model()\n"
+    )
+    docs = {}
+    for mode, extra in (("store", ["--store-dtype", "float32"]), ("recompute", [])):
+        out = tmp_path / mode
+        argv = ["dissect", "--model", f"{model_file}:build", "--layers", "1"]
+        argv += ["--source", f"broden:{root}", "--out", str(out), "--no-report", "--quiet"]
+        argv += ["--pass2", mode, "--sketch-samples", "0", *extra]
+        assert main(argv) == 0
+        docs[mode] = json.loads((out / "results.json").read_text())
+    assert docs["store"] == docs["recompute"]
+    assert max(u["iou"] for u in docs["store"]["layers"]["1"]["units"]) > 0.5

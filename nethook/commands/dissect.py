@@ -60,6 +60,24 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--topk", type=int, default=5, help="gallery images per unit")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument(
+        "--pass2",
+        choices=["store", "recompute"],
+        default="store",
+        help="pass 2 reads pass 1's temporary store (default), or runs the model again",
+    )
+    parser.add_argument(
+        "--store-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="precision of the temporary store (float16 halves its disk use)",
+    )
+    parser.add_argument(
+        "--sketch-samples",
+        type=int,
+        default=2**20,
+        help="values per unit the threshold sketch sees at most (0: all)",
+    )
     parser.add_argument("--device", help="torch device (default: the model's)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -126,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         num_workers=args.workers,
+        pass2=args.pass2,
+        store_dtype=args.store_dtype,
+        sketch_samples=args.sketch_samples or None,
         progress=not args.quiet,
     )
     rotation = sweep(args, args.model, layers, args.source, args.weights)
