@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import queue
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from nethook.atomic import atomic_path
 from nethook.stats.base import Stat, flatten
 from nethook.store import (
     ActivationStore,
@@ -452,18 +452,9 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
             plain[prefix] = value
 
     walk("", state)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, suffix=".partial", fsync=True) as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, __plain__=np.array(json.dumps(plain)), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
