@@ -354,5 +354,5 @@ def _tally_numpy(
         ends = np.cumsum(counts)
         for j in np.flatnonzero(counts).tolist():
             run = block[ends[j] - counts[j] : ends[j]]
-            inter[j] += (run > thr_t[j]).sum(axis=0, dtype=np.int64)
+            inter[j] += np.count_nonzero(run > thr_t[j], axis=0)
     return above.numpy(), inter.T.copy(), np.bincount(cols, minlength=k).astype(np.int64)
