@@ -348,18 +348,23 @@ def iqr_thresholds(
     units = cand.shape[0]
     thresholds = np.full((units, len(concept_ids)), np.inf)
     best = np.zeros((units, len(concept_ids)))
+    seen, shares, inside = [], [], []
     for j, cid in enumerate(concept_ids):
         n_c = (
             0 if dist.label_count is None or cid >= len(dist.label_count) else dist.label_count[cid]
         )
         if n_c == 0 or cid not in dist.conditional:
             continue
-        p_label = n_c / dist.count
-        inside = 1 - dist.conditional[cid].cdf(torch.as_tensor(cand)).cpu().numpy()
-        ratio = information_quality_ratio(p_label * inside, p_mask, p_label)
-        pick = ratio.argmax(axis=1)
-        thresholds[:, j] = cand[np.arange(units), pick]
-        best[:, j] = ratio[np.arange(units), pick]
+        seen.append(j)
+        shares.append(n_c / dist.count)
+        inside.append(1 - dist.conditional[cid].cdf(torch.as_tensor(cand)).cpu().numpy())
+    if seen:  # I/H of every (concept, unit, candidate) at once
+        p_label = np.asarray(shares)[:, None, None]
+        ratio = information_quality_ratio(p_label * np.stack(inside), p_mask[None], p_label)
+        pick = ratio.argmax(axis=2)  # [seen, C]
+        rows = np.arange(units)[None, :]
+        thresholds[:, seen] = cand[rows, pick].T
+        best[:, seen] = np.take_along_axis(ratio, pick[:, :, None], axis=2)[:, :, 0].T
     return thresholds, best
 
 
