@@ -12,7 +12,9 @@ run is the least disturbed); wall time and process CPU time (all threads; less
 disturbed by other processes on a shared machine) are both reported. Finally, per
 repeat, gandissect's time over the time spent inside its own generator and
 segmenter calls: the overhead measured batch by batch within one run, the figure
-least disturbed by load swings. ``--search-steps`` > 0 also times steps of the
+least disturbed by load swings (gandissect updates its statistics on a worker
+thread while the next batch is generated, which slows its own passes a little, so
+this ratio reads somewhat lower than the comparison with the bare passes). ``--search-steps`` > 0 also times steps of the
 causal unit search (``benchmarks/bench_ace.py`` times a whole ``nethook ace``).
 """
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,27 +422,32 @@ def gandissect(
     num_ids = int(segmenter.concepts()["id"].max()) + 1
 
     dist = LayerDistribution(pixel_step=pixel_step, concepts=ids)
-    for _, b in batches(
-        generator, layer, segmenter, n, seed, batch_size, device, "gandissect thresholds", progress
-    ):
-        size = label_size(b.labels, b.images)
-        dist.update(pixels(b.features, size, b.images.shape[-2:]), concept_ids(b.labels, num_ids))
+    with _InOrder() as behind:
+        for _, b in batches(
+            generator, layer, segmenter, n, seed, batch_size, device, "gandissect thresholds",
+            progress,
+        ):  # fmt: skip
+            size = label_size(b.labels, b.images)
+            acts = pixels(b.features, size, b.images.shape[-2:])
+            behind.run(dist.update, acts, concept_ids(b.labels, num_ids))
     thresholds, iqr = iqr_thresholds(dist, ids, levels)
 
     # candidate thresholds are sketch values of float32 activations: exact in float32
     tally = PairIoU(torch.as_tensor(thresholds, dtype=torch.float32), concepts=ids)
     top = TopK(gallery) if gallery else None
     kept = _GalleryImages(thumbnail) if top is not None and thumbnail else None
-    for start, b in batches(
-        generator, layer, segmenter, n_report, report_seed, batch_size, device,
-        "gandissect iou", progress,
-    ):  # fmt: skip
-        size = label_size(b.labels, b.images)
-        tally.update(pixels(b.features, size, b.images.shape[-2:]), concept_ids(b.labels, num_ids))
-        if top is not None:
-            top.update(b.features.amax(dim=(2, 3)), start)
-        if kept is not None:
-            kept.update(start, b, top.indices())
+    with _InOrder() as behind:
+        for start, b in batches(
+            generator, layer, segmenter, n_report, report_seed, batch_size, device,
+            "gandissect iou", progress,
+        ):  # fmt: skip
+            size = label_size(b.labels, b.images)
+            acts = pixels(b.features, size, b.images.shape[-2:])
+            behind.run(tally.update, acts, concept_ids(b.labels, num_ids))
+            if top is not None:
+                top.update(b.features.amax(dim=(2, 3)), start)
+            if kept is not None:
+                kept.update(start, b, top.indices())
 
     units = np.arange(thresholds.shape[0])
     coords = {
@@ -485,6 +491,37 @@ def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+class _InOrder:
+    """Runs statistics updates one at a time on a worker thread, in order, while the
+    caller generates and segments the next batch (their numpy and torch kernels
+    release the GIL). :meth:`run` waits for the previous update first, so at most one
+    batch is in flight; leaving the ``with`` block waits for the last one, and an
+    update's error is raised in the caller."""
+
+    def __enter__(self) -> _InOrder:
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
+        return self
+
+    def run(self, fn: Callable, *args: Any) -> None:
+        """Wait for the previous update, then start ``fn(*args)``."""
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Wait for the update in flight (raising its error, if any)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 class _GalleryImages:
