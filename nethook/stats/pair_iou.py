@@ -21,9 +21,10 @@ How a batch of ``N`` pixels is tallied, vectorized over units (no loop over them
   visited; each pair compares the pixel's ``U`` activations with the concept's
   ``U`` thresholds and the results are summed per concept.
 
-On CPU the sorting and the per-concept sums run in numpy (several times faster
-than torch's CPU kernels here, as for :mod:`nethook.stats.quantile`); tensors on
-other devices stay in torch. Both paths give identical counts.
+On CPU the sorting and the per-concept counts run in numpy (several times faster
+than torch's CPU kernels here, as for :mod:`nethook.stats.quantile`) and the
+copies and gathers in torch (multi-threaded); tensors on other devices stay in
+torch throughout. Both paths give identical counts.
 """
 
 from __future__ import annotations
