@@ -186,16 +186,7 @@ def test_too_few_real_images_is_an_error():
 
 
 def test_cli_prints_fsd_beside_floor(tmp_path, monkeypatch, capsys):
-    from nethook.commands import fsd as command
-
-    monkeypatch.setattr("nethook.plugins.get_source", lambda spec: StripeSource(40, seed=1))
-    monkeypatch.setattr("nethook.plugins.get_segmenter", lambda spec: ColorSegmenter())
-    monkeypatch.setattr("nethook.models.load_model", lambda spec, weights=None: StripeGenerator())
-    parser = argparse.ArgumentParser()
-    command.register(parser.add_subparsers())
-    args = parser.parse_args(["fsd", "--real", "x", "--segmenter", "y", "--samples", "20",
-                              "--quiet", "--out", str(tmp_path)])  # fmt: skip
-    assert args.func(args) == 0
+    assert _cli(monkeypatch, ["--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "FSD" in out and "noise floor" in out and "dropped classes: blue" in out
     assert (tmp_path / "index.html").is_file()

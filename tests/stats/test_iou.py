@@ -50,6 +50,16 @@ def brute_force(masks, labels, image_labels, concept_category, num_categories):
     return inter, label_area, unit_area, iou
 
 
+def assert_matches_brute_force(stat, masks, labels, image_labels, table, k) -> None:
+    """Every tally of ``stat`` equals the brute-force count on the same data."""
+    inter, label_area, unit_area, iou = brute_force(masks, labels, image_labels, table, k)
+    np.testing.assert_array_equal(stat.intersection(), inter)
+    np.testing.assert_array_equal(stat.label_area(), label_area)
+    np.testing.assert_array_equal(stat.unit_area(), unit_area)
+    np.testing.assert_array_equal(stat.unit_area_total(), masks.sum((0, 2, 3)))
+    np.testing.assert_allclose(stat.iou(), iou, rtol=0, atol=1e-15)
+
+
 def random_case(
     seed, n, u, h, w, layers, k_img, num_concepts, num_categories, sparsity, density=1.0
 ):
@@ -96,12 +106,7 @@ def test_matches_brute_force(chunk_bytes, method, **case):
     cats = [f"cat{i}" for i in range(k)]
     stat = IoU(case["u"], table, categories=cats, chunk_bytes=chunk_bytes, method=method)
     stat.update(torch.from_numpy(masks), torch.from_numpy(labels), torch.from_numpy(image_labels))
-    inter, label_area, unit_area, iou = brute_force(masks, labels, image_labels, table, k)
-    np.testing.assert_array_equal(stat.intersection(), inter)
-    np.testing.assert_array_equal(stat.label_area(), label_area)
-    np.testing.assert_array_equal(stat.unit_area(), unit_area)
-    np.testing.assert_array_equal(stat.unit_area_total(), masks.sum((0, 2, 3)))
-    np.testing.assert_allclose(stat.iou(), iou, rtol=0, atol=1e-15)
+    assert_matches_brute_force(stat, masks, labels, image_labels, table, k)
     assert stat.image_count == case["n"]
 
 
@@ -138,12 +143,7 @@ def test_update_on_entries_matches_brute_force(torch_only, **case):
         else (contextlib.nullcontext())
     ):
         stat.update_on(image[order], unit[order], (y * w + x)[order], labels, image_labels)
-    inter, label_area, unit_area, iou = brute_force(masks, labels, image_labels, table, k)
-    np.testing.assert_array_equal(stat.intersection(), inter)
-    np.testing.assert_array_equal(stat.label_area(), label_area)
-    np.testing.assert_array_equal(stat.unit_area(), unit_area)
-    np.testing.assert_array_equal(stat.unit_area_total(), masks.sum((0, 2, 3)))
-    np.testing.assert_allclose(stat.iou(), iou, rtol=0, atol=1e-15)
+    assert_matches_brute_force(stat, masks, labels, image_labels, table, k)
     dense = IoU(case["u"], table, categories=[f"cat{i}" for i in range(k)])
     dense.update(torch.from_numpy(masks), labels, image_labels)
     assert states_equal(stat.state_dict(), dense.state_dict())
