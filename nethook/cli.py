@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 CORE_COMMANDS = (
@@ -25,6 +26,10 @@ CORE_COMMANDS = (
     "fsd",
     "invert",
 )
+
+#: What bad input raises (a wrong layer name, a missing file, a bad option value): the
+#: CLI prints its message instead of a traceback. Other exceptions are bugs and keep theirs.
+USER_ERRORS = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; everything written so far is kept", file=sys.stderr)
         return 130
+    except USER_ERRORS as exc:
+        if os.environ.get("NETHOOK_TRACEBACK"):
+            raise
+        print(f"nethook {args.command}: error: {exc}", file=sys.stderr)
+        print("(set NETHOOK_TRACEBACK=1 to see where it was raised)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -612,6 +612,10 @@ def dissect(
         raise ValueError(f"rotate (alpha) must lie in [0, 1], got {rotate}")
     if pass2 not in PASS2_MODES:
         raise ValueError(f"pass2 must be one of {PASS2_MODES}, got {pass2!r}")
+    if sketch_samples is not None and int(sketch_samples) < 1:
+        raise ValueError(
+            f"sketch_samples must be a positive count (or None for all), got {sketch_samples}"
+        )
     model.eval()
     if device is not None:
         model.to(device)

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         pass2=args.pass2,
         store_dtype=args.store_dtype,
-        sketch_samples=args.sketch_samples or None,
+        sketch_samples=None if args.sketch_samples == 0 else args.sketch_samples,
         progress=not args.quiet,
     )
     rotation = sweep(args, args.model, layers, args.source, args.weights)
