@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from nethook.atomic import atomic_path
 from nethook.gandissect import generate, resolve_concepts, sample_z
 from nethook.interventions import Ablate, PartialAblate, PartialInsert, Replace
+from nethook.models import model_device
 from nethook.sources import Segmenter
 from nethook.stats.compose import Conditional
 from nethook.stats.moments import Mean
@@ -106,7 +107,7 @@ def insertion_constant(
     cid = concept_id(segmenter, concept)
     stat = Conditional(Mean)
     z_all = sample_z(generator, n, seed)
-    device = _device_of(generator)
+    device = model_device(generator)
     for a, b in tqdm(
         list(_batches(n, batch_size)), desc="insertion constant", disable=not progress
     ):
@@ -123,12 +124,6 @@ def insertion_constant(
         )
     m = stat[cid].mean()
     return (m[:-1] / m[-1]).float()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def concept_share(segmenter: Segmenter, images: torch.Tensor, cid: int) -> torch.Tensor:
@@ -189,7 +184,7 @@ def average_causal_effect(
     ablate = Ablate(units=units, mask=mask)
     insert = Replace(units=units, values=k[units].tolist(), mask=mask)
     z_all = sample_z(generator, n, seed)
-    device = _device_of(generator)
+    device = model_device(generator)
     sums = np.zeros(3)
     for a, b in tqdm(list(_batches(n, batch_size)), desc="ACE", disable=not progress):
         z = z_all[a:b].to(device)
@@ -289,7 +284,7 @@ def search_causal_units(
     a file written after each epoch; a run with the same settings resumes from it.
     """
     cid = concept_id(segmenter, concept)
-    device = _device_of(generator)
+    device = model_device(generator)
     k = torch.as_tensor(k, dtype=torch.float32, device=device)
     d = k.numel()
     if iou is None:
@@ -402,7 +397,7 @@ def ablation_curve(
     """
     cid = concept_id(segmenter, concept)
     z_all = sample_z(generator, n, seed)
-    device = _device_of(generator)
+    device = model_device(generator)
     base = 0.0
     for a, b in _batches(n, batch_size):
         images = generate(generator, layer, z_all[a:b].to(device)).images
@@ -446,7 +441,7 @@ def context_test(
     and the original images ``uint8 [n, H, W, 3]``.
     """
     cid = concept_id(segmenter, concept)
-    z = sample_z(generator, n, seed).to(_device_of(generator))
+    z = sample_z(generator, n, seed).to(model_device(generator))
     base = generate(generator, layer, z, segmenter)
     h, w = base.features.shape[-2:]
     size = base.images.shape[-2:]

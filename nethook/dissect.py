@@ -4,7 +4,7 @@
 threshold with a :class:`~nethook.stats.quantile.Quantile` sketch; pass 2 tallies the
 intersection and union of each unit's thresholded, upsampled activation map with
 every concept's label map (:class:`~nethook.stats.iou.IoU`), category-conditioned.
-By default pass 1 also records the layers' activations (float16), each image's concept
+By default pass 1 also records the layers' activations (float32), each image's concept
 labels and its gallery thumbnail in a temporary activation store, and pass 2 reads
 them back instead of rendering the images and running the model again
 (``pass2="recompute"`` does the latter, for runs whose store would not fit on disk).
@@ -51,6 +51,7 @@ import xarray as xr
 from torch import nn
 
 from nethook.atomic import write_text
+from nethook.models import model_device
 from nethook.rotation import Rotate
 from nethook.stats.iou import IoU
 from nethook.stats.quantile import Quantile
@@ -718,7 +719,7 @@ def dissect(
                 store_path,
                 consumers2,
                 batch_size=batch_size,
-                device=device or _model_device(model),
+                device=device or model_device(model),
                 checkpoint=checkpoint2,
                 checkpoint_every=checkpoint_every,
                 checkpoint_key=key2,
@@ -818,12 +819,6 @@ def _checkpoint_complete(
     )
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _layer_shapes(
     model: nn.Module, layers: list[str], source, sample: Mapping[str, Any], device
 ) -> dict[str, tuple]:
@@ -831,7 +826,7 @@ def _layer_shapes(
     from nethook.runner import default_inputs
     from nethook.trace import TraceDict
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     batch = (
         source.collate([sample]) if hasattr(source, "collate") else {"image": sample["image"][None]}
     )

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from nethook.atomic import atomic_path, write_text
+from nethook.models import model_device
 from nethook.stats.moments import Covariance
 
 PERCENT2 = 1e4  # shares -> shares in percent, squared (the thesis's scale)
@@ -211,7 +212,7 @@ class ShareModel(nn.Module):
         self.generator = generator
         self.shares = ClassShares(segmenter, ids, category)
         if device is None and generator is not None:
-            device = next(generator.parameters()).device
+            device = model_device(generator)
         self.register_buffer("anchor", torch.zeros(0, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +304,7 @@ def generated_batches(
     z_dim = z_dim or getattr(generator, "z_dim", None)
     if z_dim is None:
         raise ValueError("generator has no z_dim attribute; pass z_dim")
-    device = next(generator.parameters()).device
+    device = model_device(generator)
     rng = torch.Generator().manual_seed(seed)
     z = torch.randn(n, z_dim, generator=rng)
     with torch.no_grad():
@@ -410,7 +411,7 @@ def measure_fsd(
     check_label_sets(class_table(gen_seg, category)["name"].tolist(), table["name"].tolist())
     gen_table = class_table(gen_seg, category).set_index("name")
     gen_ids = [int(gen_table.loc[name, "id"]) for name in table["name"]]
-    device = next(generator.parameters()).device
+    device = model_device(generator)
     options = {"batch_size": batch_size, "shard_samples": shard_samples, "client": client,
                "progress": progress}  # fmt: skip
     real_model = ShareModel(segmenter, table["id"].tolist(), category, device=device)

@@ -56,6 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nethook.dissect import label_units
+from nethook.models import model_device
 from nethook.sources import Segmenter
 from nethook.stats.compose import Conditional
 from nethook.stats.pair_iou import PairIoU, present_pairs
@@ -411,7 +412,7 @@ def gandissect(
     from nethook.layers import resolve_named_layer
 
     layer, _ = resolve_named_layer(generator, layer)
-    device = torch.device(device) if device is not None else _device_of(generator)
+    device = torch.device(device) if device is not None else model_device(generator)
     generator.to(device).eval()
     n_report = n if n_report is None else n_report
     report_seed = seed + 1 if report_seed is None else report_seed
@@ -485,12 +486,6 @@ def gandissect(
         if kept is not None:
             kept.add_to(ds)
     return ds
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 class _InOrder:

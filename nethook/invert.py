@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nethook.atomic import atomic_path
+from nethook.models import model_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,7 +115,7 @@ class Chain:
 
 def check_image_size(chain: Chain, images: torch.Tensor) -> None:
     """Raise ``ValueError`` naming both sizes if ``images`` are not the generator's size."""
-    device = next(chain.generator.parameters()).device
+    device = model_device(chain.generator)
     with torch.no_grad():
         probe = chain.representations(chain.sample_z(1, 0, device))[-1]
     if tuple(images.shape[1:]) != tuple(probe.shape[1:]):
@@ -211,7 +212,7 @@ class TrainSettings:
 
 
 def _shapes(chain: Chain) -> list[tuple[int, ...]]:
-    device = next(chain.generator.parameters()).device
+    device = model_device(chain.generator)
     with torch.no_grad():
         return [tuple(r.shape[1:]) for r in chain.representations(chain.sample_z(1, 0, device))]
 
@@ -390,7 +391,7 @@ def train_encoder(
     chain = Chain(generator, layers)
     for p in generator.parameters():
         p.requires_grad_(False)
-    device = next(generator.parameters()).device
+    device = model_device(generator)
     shapes = _shapes(chain)
     torch.manual_seed(settings.seed)
     inverters = [
@@ -686,7 +687,7 @@ def inversion_correlations(
     """
     chain = Chain(generator, layers)
     k = chain.index(layer) + 1
-    device = next(generator.parameters()).device
+    device = model_device(generator)
     with torch.no_grad():
         rs = chain.representations(chain.sample_z(n, seed, device))
     truth = Inversion(z=rs[0], r=rs[k], x=rs[-1])

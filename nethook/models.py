@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["load_model", "load_weights", "parse_spec"]
+__all__ = ["load_model", "load_weights", "model_device", "parse_spec"]
 
 
 def _parse_value(text: str) -> Any:
@@ -59,6 +59,15 @@ def _parse_kwargs(text: str, spec: str) -> dict[str, Any]:
             )
         kwargs[key.strip()] = _parse_value(value.strip())
     return kwargs
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); CPU for a stateless model."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
 
 
 def parse_spec(spec: str) -> tuple[str, str, str]:

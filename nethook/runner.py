@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from nethook.atomic import atomic_path
+from nethook.models import model_device
 from nethook.stats.base import Stat, flatten
 from nethook.store import (
     ActivationStore,
@@ -584,14 +585,6 @@ def default_inputs(source: Any, device: torch.device | str | None) -> Callable[[
     return inputs
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
 def run(
     model: torch.nn.Module,
     source: Dataset,
@@ -637,7 +630,7 @@ def run(
             f"samples {start}..{start + total - 1} are not in the source, which has "
             f"{len(source)} samples"
         )
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     inputs = inputs or default_inputs(source, device)
     clone = len(layers) > 1 if clone is None else clone
     collate_fn = collate_fn or getattr(source, "collate", None)
@@ -938,7 +931,7 @@ def layer_shapes(
     """Per-sample activation shapes of ``layers``, from one forward pass on sample ``start``."""
     from nethook.trace import TraceDict
 
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     inputs = inputs or default_inputs(source, device)
     collate_fn = collate_fn or getattr(source, "collate", None)
     loader = DataLoader(Subset(source, [start]), batch_size=1, collate_fn=collate_fn)

@@ -171,3 +171,16 @@ def test_backbone_weights_are_never_downloaded(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     model = load_model("torchvision:lraspp_mobilenet_v3_large:num_classes=2")
     assert model.classifier.low_classifier.out_channels == 2
+
+
+def test_model_device_from_parameters_then_buffers() -> None:
+    import torch
+    from torch import nn
+
+    from nethook.models import model_device
+
+    assert model_device(nn.Linear(2, 2).to(torch.float64)) == torch.device("cpu")
+    buffers_only = nn.Module()
+    buffers_only.register_buffer("scale", torch.ones(1, device="meta"))
+    assert model_device(buffers_only) == torch.device("meta")
+    assert model_device(nn.ReLU()) == torch.device("cpu")
