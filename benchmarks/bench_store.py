@@ -28,14 +28,6 @@ from nethook.stats.moments import Mean, Variance
 from nethook.store import ActivationStore, to_storage
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def time_np_save(data: np.ndarray, where: Path) -> float:
     path = where / "ceiling.npy"
     t = time.perf_counter()

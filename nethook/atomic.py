@@ -35,7 +35,7 @@ def atomic_path(
     try:
         yield Path(tmp)
         if fsync:
-            _fsync(tmp)
+            fsync_file(tmp)
         publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -70,9 +70,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync(path: str | os.PathLike) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a finished file's data to disk (opened read-only, so any file will do)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:

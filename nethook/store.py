@@ -47,6 +47,8 @@ import xarray as xr
 import zarr
 from zarr.storage import LocalStore
 
+from nethook.atomic import fsync_file
+
 
 def _crc32(data: np.ndarray, crc: int = 0) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"), crc)
@@ -900,7 +902,7 @@ class ActivationStore:
         """fsync files that exist (zarr skips chunks equal to the fill value)."""
         for path in paths:
             if path is not None and path.exists():
-                _fsync(path)
+                fsync_file(path)
 
     def _sync_metadata(self) -> None:
         root = self._local_root()
@@ -909,7 +911,7 @@ class ActivationStore:
         for dirpath, _, files in os.walk(root):
             for f in files:
                 if f == "zarr.json":
-                    _fsync(Path(dirpath) / f)
+                    fsync_file(Path(dirpath) / f)
 
     def _remove_partial_files(self) -> None:
         """Delete temp files a killed writer left behind (local stores)."""
@@ -1160,14 +1162,6 @@ def _write_file(path: Path, values: np.ndarray, sync: bool) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_error(exc: OSError, path: str, what: str) -> StoreError:
