@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nethook.atomic import atomic_path
+from nethook.dissect import image_bytes
 from nethook.gandissect import generate, resolve_concepts, sample_z
 from nethook.interventions import Ablate, PartialAblate, PartialInsert, Replace
 from nethook.models import model_device
@@ -471,7 +472,7 @@ def context_test(
                     {"image": i, "y": y, "x": x, "context": label, "effect": effect[i, y, x]}
                 )
     table = pd.DataFrame(rows).groupby("context")["effect"].agg(["mean", "count"]).reset_index()
-    images = (base.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    images = image_bytes(base.images)
     heat = xr.DataArray(
         effect, dims=("image", "y", "x"), name="effect", attrs={"concept": str(concept)}
     )
@@ -497,7 +498,7 @@ def save_grid(before: torch.Tensor, after: torch.Tensor, path: str | Path, scale
     b, _, h, w = before.shape[0], *rows.shape[1:]
     gap = 2
     canvas = np.full((2 * h + gap, b * (w + gap) - gap, 3), 255, dtype=np.uint8)
-    pixels = (rows * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = image_bytes(rows).numpy()
     for i in range(2 * b):
         r, c = divmod(i, b)
         canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = pixels[i]

@@ -440,6 +440,12 @@ def thumbnails(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         images = F.interpolate(
             images, size=size, mode="bilinear", antialias=True, align_corners=False
         )
+    return image_bytes(images)
+
+
+def image_bytes(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` images in [0, 1] (clipped) as uint8 ``[N, H, W, 3]``, rounded."""
+    images = images.detach().float()
     if images.device.type == "cpu":  # numpy's elementwise kernels: faster here
         pixels = np.rint(np.clip(images.numpy() * np.float32(255), 0, 255)).astype(np.uint8)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 2, 3, 1)))

@@ -55,7 +55,7 @@ from scipy.special import xlogy
 from torch import nn
 from tqdm.auto import tqdm
 
-from nethook.dissect import label_units
+from nethook.dissect import image_bytes, label_units
 from nethook.models import model_device
 from nethook.sources import Segmenter
 from nethook.stats.compose import Conditional
@@ -580,8 +580,7 @@ class _GalleryImages:
 
 def _thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
     """Uint8 ``[B, size, size, 3]`` thumbnails of images ``[B, 3, H, W]`` in [0, 1]."""
-    small = _nearest(images.float().clamp(0, 1), size)
-    return (small * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return image_bytes(_nearest(images, size))
 
 
 def _nearest(images: torch.Tensor, size: int) -> torch.Tensor:
