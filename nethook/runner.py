@@ -322,7 +322,7 @@ class StoreWriter:
                     if not self._free:  # fresh pages cost a fault each: recycle buffers
                         self._free.append(
                             {
-                                name: np.empty((size, *t.shape[1:]), store._field_layout(name)[1])
+                                name: np.empty((size, *t.shape[1:]), store.field_layout(name)[1])
                                 for name, t in acts.items()
                             }
                         )
@@ -369,7 +369,7 @@ class StoreWriter:
         reused scratch buffer (fresh memory would cost a page fault per page)."""
         store = self.store
         if name not in store.layers:  # sample data: its own dtype
-            stored = store._field_layout(name)[1]
+            stored = store.field_layout(name)[1]
             if piece.numpy().dtype == stored:
                 return piece.numpy()
             dtype = None

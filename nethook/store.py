@@ -505,7 +505,7 @@ class ActivationStore:
         """Everything a block holds: the layers, then the sample data arrays."""
         return self.layers + list(self.sample_data)
 
-    def _field_layout(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    def field_layout(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
         """Per-sample shape and stored dtype of a layer or sample data array."""
         if name in self.identity["shapes"]:
             return tuple(self.identity["shapes"][name]), storage_dtype(self.dtype)
@@ -610,7 +610,7 @@ class ActivationStore:
         arrays = []
         for layer in self.fields:
             values = np.ascontiguousarray(data[layer])
-            shape, stored = self._field_layout(layer)
+            shape, stored = self.field_layout(layer)
             expected = (stop - start, *shape)
             if values.shape != expected or values.dtype != stored:
                 raise ValueError(
@@ -738,7 +738,7 @@ class ActivationStore:
         :class:`CorruptBlockError` names the layer, block and sample range on mismatch.
         ``decode`` turns bfloat16 bits into float32.
         """
-        shape, _ = self._field_layout(layer)
+        shape, _ = self.field_layout(layer)
         start, stop = self.block_range(block)
         row = np.asarray(self._manifest[block])
         if row[0] != 1:
@@ -954,7 +954,7 @@ class BlockStream:
         """Write the next ``values.shape[0]`` samples of ``layer`` (storage dtype), or of
         a sample data array (its own dtype)."""
         store = self.store
-        expected, stored = store._field_layout(layer)
+        expected, stored = store.field_layout(layer)
         if values.shape[1:] != expected or values.dtype != stored:
             raise ValueError(
                 f"block {self.block} of layer {layer!r}: got {values.dtype}{list(values.shape)}, "
