@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from nethook.atomic import atomic_path, write_text
+from nethook.gandissect import latents
 from nethook.models import model_device
 from nethook.stats.moments import Covariance
 
@@ -224,7 +225,7 @@ class LatentSource(Dataset):
     """The latents ``z [n, z_dim]`` :func:`generated_batches` draws: standard normal from ``seed``."""
 
     def __init__(self, n: int, z_dim: int, seed: int = 0) -> None:
-        self.z = torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+        self.z = latents(n, z_dim, seed)
         self.seed = seed
 
     def __len__(self) -> int:
@@ -305,8 +306,7 @@ def generated_batches(
     if z_dim is None:
         raise ValueError("generator has no z_dim attribute; pass z_dim")
     device = model_device(generator)
-    rng = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, z_dim, generator=rng)
+    z = latents(n, z_dim, seed)
     with torch.no_grad():
         for i in range(0, n, batch_size):
             yield generator(z[i : i + batch_size].to(device)).clamp(0, 1)

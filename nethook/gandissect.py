@@ -80,6 +80,7 @@ __all__ = [
     "generate",
     "information_quality_ratio",
     "iqr_thresholds",
+    "latents",
     "resolve_concepts",
     "sample_z",
 ]
@@ -96,8 +97,16 @@ def sample_z(generator: nn.Module, n: int, seed: int, device: Any = "cpu") -> to
             f"generator {type(generator).__name__} has no integer attribute z_dim; "
             "set generator.z_dim to the latent size it expects"
         )
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn(n, z_dim, generator=gen).to(device)
+    return latents(n, z_dim, seed).to(device)
+
+
+def latents(n: int, z_dim: int, seed: int) -> torch.Tensor:
+    """``[n, z_dim]`` standard normal latents, a pure function of ``seed`` (on CPU).
+
+    The one seed -> z convention of GAN dissection, ACE and FSD, so a seed names the
+    same samples in all of them.
+    """
+    return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(int(seed)))
 
 
 def check_feature_map(output: Any, layer: str) -> torch.Tensor:
