@@ -452,9 +452,8 @@ def image_bytes(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _label_dtype(concepts: pd.DataFrame) -> torch.dtype:
-    """The narrowest integer dtype that holds every concept id of the table."""
-    top = int(concepts["id"].max()) if len(concepts) else 0
+def _label_dtype(top: int) -> torch.dtype:
+    """The narrowest integer dtype that holds concept ids ``0 .. top``."""
     return torch.uint8 if top < 2**8 else torch.int16 if top < 2**15 else torch.int32
 
 
@@ -473,7 +472,7 @@ class _Recorder:
         thumb: tuple[int, int] | None,
     ):
         self.top = int(concepts["id"].max()) if len(concepts) else 0
-        self.dtype = _label_dtype(concepts)
+        self.dtype = _label_dtype(self.top)
         self.input_size = input_size
         self.thumb = thumb
 
