@@ -210,7 +210,8 @@ class IoU(Stat):
         (tested equal), at a cost that grows with the on entries and the labels only:
         for thresholded dissection masks (0.5% on) far less than scanning ``[N, U,
         H, W]``. ``labels`` and ``image_labels`` are as in :meth:`update`; ``N``,
-        ``H`` and ``W`` are the labels'.
+        ``H`` and ``W`` are the labels'. :meth:`update_flat` takes the same entries
+        as flat indices (one array instead of three).
         """
         lab = _gather_labels(labels, "labels", None)
         n, _, h, w = lab.shape
@@ -229,6 +230,52 @@ class IoU(Stat):
                 raise ValueError(
                     f"IoU.update_on: {name} indices must lie in 0..{size - 1}, got {lo}..{hi}"
                 )
+        image, unit, pixel = (x.to(torch.int64) for x in entries)
+        self._add_entries((image * self.num_units + unit) * (h * w) + pixel, lab, image_labels)
+
+    def update_flat(
+        self,
+        index: TensorLike,
+        labels: TensorLike | Mapping[str, TensorLike] | Sequence[TensorLike],
+        image_labels: TensorLike | Mapping[str, TensorLike] | Sequence[TensorLike] | None = None,
+    ) -> None:
+        """Add a batch of images given the flat indices of their masks' on entries.
+
+        ``index`` holds positions in the bool masks ``[N, U, H, W]`` of :meth:`update`
+        (``((image * U + unit) * H + y) * W + x``, as ``np.flatnonzero(masks)`` or
+        :meth:`nethook.upsample.ThresholdedUpsample.flat_on` give them), each at most
+        once, in any order. The tallies are those of :meth:`update` on the dense
+        masks and of :meth:`update_on` on the same entries, with the least index
+        arithmetic of the three. ``labels`` and ``image_labels`` are as in
+        :meth:`update`; ``N``, ``H`` and ``W`` are the labels'.
+        """
+        lab = _gather_labels(labels, "labels", None)
+        n, _, h, w = lab.shape
+        index = _as_tensor(index).to(lab.device).reshape(-1)
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise ValueError(
+                f"IoU.update_flat expects integer flat indices, got dtype {index.dtype}"
+            )
+        size = n * self.num_units * h * w
+        lo, hi = _value_range(index)
+        if len(index) and (lo < 0 or hi >= size):
+            raise ValueError(
+                f"IoU.update_flat: indices into masks [N, U, H, W] = [{n}, {self.num_units}, "
+                f"{h}, {w}] must lie in 0..{size - 1}, got {lo}..{hi}"
+            )
+        if index.dtype not in (torch.int32, torch.int64):
+            index = index.to(torch.int64)
+        self._add_entries(index, lab, image_labels)
+
+    def _add_entries(
+        self,
+        index: torch.Tensor,
+        lab: torch.Tensor,
+        image_labels: TensorLike | Mapping[str, TensorLike] | Sequence[TensorLike] | None,
+    ) -> None:
+        """Tally checked flat int64 indices of on entries against the labels ``lab``."""
+        n, _, h, w = lab.shape
+        dev = lab.device
         img = None if image_labels is None else _gather_image_labels(image_labels, n).to(dev)
         self._check_ids(lab, "labels")
         if img is not None:
@@ -237,7 +284,7 @@ class IoU(Stat):
             return
         chunk = self._chunk_labels(lab, img)
         out = self._empty_tallies(dev)
-        area = _tally_entries(*(x.to(torch.int64) for x in entries), n, chunk.pixel, out)
+        area = _tally_flat(index, n, chunk.pixel, out)
         _add_whole_image(chunk, area, out["_intersection"])
         self._finish_chunk(chunk, area, h * w, out)
         self.to(dev)
@@ -628,25 +675,27 @@ class _ChunkLabels:
 
     def _prepare_numpy(self, lab: np.ndarray, whole: np.ndarray, concepts: int) -> None:
         n, layers, p = lab.shape
-        pixel = lab.copy()
-        for layer in range(1, layers):
-            repeat = (lab[:, :layer] == lab[:, layer : layer + 1]).any(1)
-            pixel[:, layer][repeat] = 0
-        counts = self._counts(pixel, concepts)
+        pixel = lab  # read only: copied before any label is cleared
+        per_layer = _label_counts(pixel, concepts)
+        held = per_layer.any(0)
+        held[:, 0] = False
+        if (held.sum(0) > 1).any():  # an id in two layers: it may repeat at a pixel
+            pixel = lab.copy()
+            for layer in range(1, layers):
+                repeat = lab[:, 0] == lab[:, layer]
+                for earlier in range(1, layer):
+                    repeat |= lab[:, earlier] == lab[:, layer]
+                np.copyto(pixel[:, layer], 0, where=repeat)
+            per_layer = _label_counts(pixel, concepts)
+        counts = per_layer.sum(1)
         if (counts.astype(bool) & whole).any():  # a pixel label that is also a whole label
+            pixel = pixel.copy() if pixel is lab else pixel
             pixel[np.take_along_axis(whole, pixel.reshape(n, -1), 1).reshape(pixel.shape)] = 0
-            counts = self._counts(pixel, concepts)
+            counts = _label_counts(pixel, concepts).sum(1)
         counts[:, 0] = 0
         self.pixel = torch.from_numpy(pixel)
         self.present = torch.from_numpy((counts > 0) | whole)
         self._area = torch.from_numpy(counts.sum(0))
-
-    @staticmethod
-    def _counts(pixel: np.ndarray, concepts: int) -> np.ndarray:
-        """``[n, C]`` pixels of each image holding each label (over all layers)."""
-        n = pixel.shape[0]
-        keys = pixel.reshape(n, -1) + (np.arange(n) * concepts)[:, None]
-        return np.bincount(keys.reshape(-1), minlength=n * concepts).reshape(n, concepts)
 
     def _prepare_torch(self, lab: torch.Tensor, whole: torch.Tensor, has_whole: bool) -> None:
         n, layers, p = lab.shape
@@ -674,6 +723,34 @@ class _ChunkLabels:
             area[0] = 0
         rows, ids = self.whole_pairs
         return area.index_add_(0, ids, torch.full_like(ids, pixels))
+
+
+def _label_counts(pixel: np.ndarray, concepts: int) -> np.ndarray:
+    """``[n, L, C]`` int64: pixels of each image's label layer holding each id.
+
+    Label maps are mostly uniform regions, so the ids are counted run by run (a
+    bincount of each run's id weighted by its length, exact in float64): work per
+    run, not per pixel. Where runs are short the ids are counted one by one, with
+    keys running pixel-major so that neighbouring increments hit different counters.
+    """
+    n, layers, p = pixel.shape
+    flat = pixel.reshape(-1)
+    bins = n * layers * concepts
+    if len(flat) == 0:
+        return np.zeros((n, layers, concepts), dtype=np.int64)
+    change = np.empty(len(flat), dtype=bool)
+    np.not_equal(flat[1:], flat[:-1], out=change[1:])
+    change[::p] = True  # runs stop at the end of each layer of each image
+    starts = np.flatnonzero(change)
+    if len(starts) <= len(flat) // 4:
+        lengths = np.diff(starts, append=len(flat))
+        keys = flat.take(starts) + starts // p * concepts
+        counts = np.bincount(keys, weights=lengths, minlength=bins).astype(np.int64)
+    else:
+        keys = np.empty((p, n * layers), dtype=np.intp)
+        np.add(flat.reshape(n * layers, p).T, np.arange(n * layers) * concepts, out=keys)
+        counts = np.bincount(keys.reshape(-1), minlength=bins)
+    return counts.reshape(n, layers, concepts)
 
 
 class _GemmTally:
@@ -760,37 +837,45 @@ def _add_whole_image(chunk: _ChunkLabels, area: torch.Tensor, intersection: torc
         intersection.index_add_(1, ids, area[rows].T)
 
 
-def _tally_entries(
-    image: torch.Tensor,
-    unit: torch.Tensor,
-    px: torch.Tensor,
-    n: int,
-    pixel: torch.Tensor,
-    out: dict[str, torch.Tensor],
+def _tally_flat(
+    index: torch.Tensor, n: int, pixel: torch.Tensor, out: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """Tally on entries (image, unit, flat pixel) against the chunk's pixel labels.
+    """Tally on entries, flat int32 or int64 indices into ``[n, U, P]``, against the
+    pixel labels ``pixel`` ``[n, L, P]`` (see :class:`_ChunkLabels`).
 
     Adds every (unit, pixel label) pair to ``out["_intersection"]`` by one bincount
-    (label 0 lands in column 0, cleared later); returns the unit areas ``[n, U]``.
-    On CPU the index arithmetic runs in numpy.
+    (label 0 lands in column 0, cleared later); returns the unit areas ``[n, U]``
+    (a bincount of ``image * U + unit``, which is the index divided by ``P``). On
+    CPU the index arithmetic runs in numpy, in int32 where it fits (twice the
+    values per byte moved), and each layer's labels are gathered from its own plane.
     """
     intersection = out["_intersection"]
     units, concepts = intersection.shape
     layers, pixels = pixel.shape[1:]
-    if _numpy_view(image) is not None:
-        image, unit, px = image.numpy(), unit.numpy(), px.numpy()
-        rows = np.ascontiguousarray(pixel.numpy().transpose(0, 2, 1))
-        rows = rows.reshape(rows.shape[0] * pixels, layers)
-        labels = rows[image * pixels + px]  # each entry's labels, one row gather
-        bincount = np.bincount
+    view = _numpy_view(index)
+    if view is None:
+        index = index.to(torch.int64)
+        found = index // pixels  # image * U + unit
+        image = found // units
+        at = index - found * pixels + image * (layers * pixels)  # the layer-0 label
+        offsets = torch.arange(layers, device=index.device)[:, None] * pixels
+        keys = (found - image * units) * concepts + pixel.reshape(-1)[at + offsets]
+        counts = torch.bincount(keys.reshape(-1), minlength=units * concepts)
+        area = torch.bincount(found, minlength=n * units)
     else:
-        offsets = torch.arange(layers, device=image.device) * pixels
-        labels = pixel.reshape(-1)[(image * (layers * pixels) + px)[:, None] + offsets]
-        bincount = torch.bincount
-    keys = (unit[:, None] * concepts + labels).reshape(-1)
-    counts = torch.as_tensor(bincount(keys, minlength=units * concepts))
+        if n * layers * pixels >= 2**31:
+            view = view.astype(np.int64)
+        labels = pixel.numpy().reshape(-1)
+        found = view // pixels
+        image = found // units
+        at = (view - found * pixels + image * (layers * pixels)).astype(np.intp)
+        unit_key = (found - image * units) * concepts
+        keys = np.empty((layers, len(view)), dtype=np.intp)
+        for layer in range(layers):
+            np.add(unit_key, labels[layer * pixels :].take(at), out=keys[layer])
+        counts = torch.from_numpy(np.bincount(keys.reshape(-1), minlength=units * concepts))
+        area = torch.from_numpy(np.bincount(found, minlength=n * units))
     intersection += counts.to(intersection.device).view(units, concepts)
-    area = torch.as_tensor(bincount(image * units + unit, minlength=n * units))
     return area.to(intersection.device).view(n, units)
 
 
