@@ -18,9 +18,10 @@ Then times, side by side in one process, per batch as ``_IoUTally._sparse`` does
 for the reference code (``nethook/upsample.py`` and ``nethook/stats/iou.py`` as of git
 revision ``--reference``, loaded from git into modules of their own) and for the working
 tree's code. Each repeat times every batch of both; the fastest repeat of each is kept
-(the one least disturbed by other processes on shared cores). Prints CPU seconds per
-1000 images (process time, all threads) and the speed-up, and checks that both give
-identical entries and identical tallies.
+(the one least disturbed by other processes on shared cores); on alternate batches
+each version runs first, so both see the batch as often with a cold cache. Prints CPU
+seconds per 1000 images (process time, all threads) and the speed-up, and checks that
+both give identical entries and identical tallies.
 """
 
 from __future__ import annotations
@@ -173,8 +174,9 @@ def main() -> None:
             name: Pass2(up, iou, geometry, thresholds, concepts, shapes)
             for name, (up, iou) in versions.items()
         }
-        for maps, labels, image_labels in batches:
-            entries = {name: p(maps, labels, image_labels) for name, p in runs.items()}
+        for b, (maps, labels, image_labels) in enumerate(batches):
+            order = list(runs.items())[:: 1 if b % 2 else -1]  # each goes first half the time
+            entries = {name: p(maps, labels, image_labels) for name, p in order}
             if not np.array_equal(entries["old"], entries["new"]):
                 raise AssertionError("old and new code found different on entries")
         for name, p in runs.items():

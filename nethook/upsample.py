@@ -324,12 +324,10 @@ class ThresholdedUpsample:
             return place(found, pixel)
         flat = maps.reshape(-1)
         per_map = np.tile(thr, n)
-        parts = []
-        for group, tiles in self._cells.candidates(hot, n * u):
-            step = max(1, _BLOCK_VALUES // self._cells.groups[group].size)
-            for start in range(0, len(tiles), step):
-                block = tiles[start : start + step]
-                parts.append(self._evaluate(group, block, flat, per_map, dtype, place))
+        parts = [
+            self._evaluate(group, tiles, flat, per_map, dtype, place)
+            for group, tiles in self._cells.candidates(hot, n * u)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=place.dtype)
 
     def _evaluate(
@@ -366,14 +364,10 @@ class ThresholdedUpsample:
         values = (bottom - top)[None, :, :] * fy[:, None, :]
         values += top
         hit = (values >= per_map.take(found)).reshape(th * tw, len(tiles))
-        if shape.ragged:  # tiles smaller than the group's shape: drop the padding
-            hit &= shape.r[:, None] < ay.length.take(row)
-            hit &= shape.c[:, None] < ax.length.take(col)
+        if shape.inside is not None:  # tiles smaller than the group's shape: no padding
+            hit &= shape.inside.take(cell, axis=1)
         first = place(found, cells.origin.take(cell))  # each tile's top-left pixel
         return np.compress(hit.reshape(-1), first + shape.offsets[:, None])
-
-
-_BLOCK_VALUES = 1 << 16  # pixels evaluated at once: the temporaries stay in L2 cache
 
 
 class _Placement:
@@ -419,19 +413,25 @@ def _sparse_flatnonzero(mask: np.ndarray) -> np.ndarray:
 class _TileShape:
     """A group of tiles evaluated together, as ``[height * width, tiles]`` arrays.
 
-    ``r``/``c``: each position's row and column within the tile; ``offsets``: its
-    flat label-pixel offset (``r * W + c``, int32) from the tile's top-left.
-    ``ragged``: the group holds smaller tiles too, padded to this shape.
+    ``offsets``: each position's flat label-pixel offset (``r * W + c``, int32) from
+    the tile's top-left. A ``ragged`` group holds smaller tiles too, padded to this
+    shape; ``inside`` ``[position, cell]`` then says which positions the tile of
+    each cell holds (else None).
     """
 
-    def __init__(self, height: int, width: int, label_width: int, ragged: bool) -> None:
+    def __init__(
+        self, height: int, width: int, label_width: int, ragged: bool, ay, ax, row, col
+    ) -> None:
         self.height = height
         self.width = width
         self.ragged = ragged
         self.size = height * width
-        self.r = np.repeat(np.arange(height), width)
-        self.c = np.tile(np.arange(width), height)
-        self.offsets = (self.r * label_width + self.c).astype(np.int32)
+        r = np.repeat(np.arange(height), width)[:, None]
+        c = np.tile(np.arange(width), height)[:, None]
+        self.offsets = (r * label_width + c).astype(np.int32)[:, 0]
+        self.inside = None
+        if ragged:
+            self.inside = (r < ay.length[row]) & (c < ax.length[col])
 
 
 class _CellTable:
@@ -464,12 +464,13 @@ class _CellTable:
             common = np.bincount(sizes).argmax()
             main = filled & (th * (int(tw.max()) + 1) + tw == common)
             self.group[main] = 0
-            self.groups.append(_TileShape(int(th[main][0]), int(tw[main][0]), label_width, False))
-            rest = filled & ~main
-            if rest.any():
-                self.group[rest] = 1
-                shape = _TileShape(int(th[rest].max()), int(tw[rest].max()), label_width, True)
-                self.groups.append(shape)
+            for ragged, members in ((False, main), (True, filled & ~main)):
+                if members.any():
+                    self.group[members] = len(self.groups)
+                    height, width = int(th[members].max()), int(tw[members].max())
+                    self.groups.append(
+                        _TileShape(height, width, label_width, ragged, ay, ax, self.row, self.col)
+                    )
 
     def candidates(self, hot: np.ndarray, maps: int) -> list[tuple[int, np.ndarray]]:
         """The tiles next to the ``hot`` cells (flat indices over ``maps`` maps), each

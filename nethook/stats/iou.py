@@ -284,7 +284,7 @@ class IoU(Stat):
             return
         chunk = self._chunk_labels(lab, img)
         out = self._empty_tallies(dev)
-        area = _tally_flat(index, n, chunk.pixel, out)
+        area = _tally_flat(index, n, chunk, out)
         _add_whole_image(chunk, area, out["_intersection"])
         self._finish_chunk(chunk, area, h * w, out)
         self.to(dev)
@@ -838,22 +838,23 @@ def _add_whole_image(chunk: _ChunkLabels, area: torch.Tensor, intersection: torc
 
 
 def _tally_flat(
-    index: torch.Tensor, n: int, pixel: torch.Tensor, out: dict[str, torch.Tensor]
+    index: torch.Tensor, n: int, chunk: _ChunkLabels, out: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """Tally on entries, flat int32 or int64 indices into ``[n, U, P]``, against the
-    pixel labels ``pixel`` ``[n, L, P]`` (see :class:`_ChunkLabels`).
+    chunk's pixel labels ``[n, L, P]``.
 
-    Adds every (unit, pixel label) pair to ``out["_intersection"]`` by one bincount
+    Adds every (unit, pixel label) pair to ``out["_intersection"]`` by bincounts
     (label 0 lands in column 0, cleared later); returns the unit areas ``[n, U]``
-    (a bincount of ``image * U + unit``, which is the index divided by ``P``). On
-    CPU the index arithmetic runs in numpy, in int32 where it fits (twice the
-    values per byte moved), and each layer's labels are gathered from its own plane.
+    (a bincount of ``image * U + unit``, which is the index divided by ``P``).
     """
     intersection = out["_intersection"]
     units, concepts = intersection.shape
+    pixel = chunk.pixel
     layers, pixels = pixel.shape[1:]
     view = _numpy_view(index)
-    if view is None:
+    if view is not None:
+        counts, area = _tally_flat_numpy(view, pixel.numpy(), units, concepts)
+    else:
         index = index.to(torch.int64)
         found = index // pixels  # image * U + unit
         image = found // units
@@ -862,21 +863,32 @@ def _tally_flat(
         keys = (found - image * units) * concepts + pixel.reshape(-1)[at + offsets]
         counts = torch.bincount(keys.reshape(-1), minlength=units * concepts)
         area = torch.bincount(found, minlength=n * units)
-    else:
-        if n * layers * pixels >= 2**31:
-            view = view.astype(np.int64)
-        labels = pixel.numpy().reshape(-1)
-        found = view // pixels
-        image = found // units
-        at = (view - found * pixels + image * (layers * pixels)).astype(np.intp)
-        unit_key = (found - image * units) * concepts
-        keys = np.empty((layers, len(view)), dtype=np.intp)
-        for layer in range(layers):
-            np.add(unit_key, labels[layer * pixels :].take(at), out=keys[layer])
-        counts = torch.from_numpy(np.bincount(keys.reshape(-1), minlength=units * concepts))
-        area = torch.from_numpy(np.bincount(found, minlength=n * units))
     intersection += counts.to(intersection.device).view(units, concepts)
     return area.to(intersection.device).view(n, units)
+
+
+def _tally_flat_numpy(
+    index: np.ndarray, pixel: np.ndarray, units: int, concepts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_tally_flat`'s counts ``[U * C]`` and areas ``[n * U]``, in numpy.
+
+    The index arithmetic runs in int32 where it fits (twice the values per byte
+    moved); each layer's labels are gathered from its own plane and counted by a
+    bincount of their own (faster than one bincount of all layers' keys).
+    """
+    n, layers, pixels = pixel.shape
+    if n * layers * pixels >= 2**31:
+        index = index.astype(np.int64)
+    labels = pixel.reshape(-1)
+    found = index // pixels  # image * U + unit
+    image = found // units
+    at = (index - found * pixels + image * (layers * pixels)).astype(np.intp)  # layer 0's
+    unit_key = ((found - image * units) * concepts).astype(np.intp)
+    counts = np.zeros(units * concepts, dtype=np.int64)
+    for layer in range(layers):
+        counts += np.bincount(unit_key + labels[layer * pixels :].take(at), minlength=len(counts))
+    area = np.bincount(found, minlength=n * units)
+    return torch.from_numpy(counts), torch.from_numpy(area)
 
 
 def _value_range(t: torch.Tensor) -> tuple[int, int]:
