@@ -13,6 +13,7 @@ from torch import nn
 from nethook.upsample import (
     Geometry,
     ThresholdedUpsample,
+    _sparse_flatnonzero,
     axis_weights,
     grid_upsample,
     infer_geometry,
@@ -167,3 +168,77 @@ def test_thresholded_upsample_names_bad_shapes() -> None:
     up = ThresholdedUpsample((4, 4), (8, 8), (8, 8))
     with pytest.raises(ValueError, match=r"\(4, 4\) maps got maps of shape \(1, 2, 4, 5\)"):
         up.on(np.zeros((1, 2, 4, 5), np.float32), np.zeros(2, np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 3),
+    u=st.integers(1, 4),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    size=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    geometry=geometries,
+    before=st.integers(0, 3),
+    after=st.integers(0, 3),
+)
+def test_flat_on_indexes_a_wider_mask(seed, n, u, h, w, size, geometry, before, after) -> None:
+    """Units placed at ``offset`` of a ``units``-wide mask: exactly that mask's on entries."""
+    rng = np.random.default_rng(seed)
+    maps = (rng.integers(0, 4, (n, u, h, w)) / 4).astype(np.float32)
+    thr = rng.choice(maps.reshape(-1), u) if maps.size else np.zeros(u, np.float32)
+    geo = geometry or Geometry.uniform(size, (h, w))
+    units = before + u + after
+    found = ThresholdedUpsample((h, w), size, size, geometry).flat_on(
+        maps, thr, units=units, offset=before
+    )
+    mask = np.zeros((n, units, *size), bool)
+    own = dense_on(maps, thr, size, size, geo)
+    if is_identity((h, w), size, size, geo):
+        own = maps >= thr[None, :, None, None]
+    mask[:, before : before + u] = own
+    assert found.dtype == np.int32
+    np.testing.assert_array_equal(np.sort(found), np.flatnonzero(mask))
+
+
+def test_flat_on_regular_strides_and_edge_tiles() -> None:
+    """The demo's geometry (8 x 8 cells at stride 8 onto 64 x 64): interior tiles share
+    their weights, edge tiles (12 and 4 pixels) are padded; hot cells everywhere."""
+    geo = Geometry(stride=(8.0, 8.0), offset=(3.5, 3.5))
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 5, 8, 8)).astype(np.float32)
+    maps[:, :, [0, 7], :] *= 1.5  # the border rows and columns reach the threshold too
+    maps[:, :, :, [0, 7]] *= 1.5
+    thr = np.quantile(maps, 0.9, axis=(0, 2, 3)).astype(np.float32)
+    up = ThresholdedUpsample((8, 8), (64, 64), (64, 64), geo)
+    expected = dense_on(maps, thr, (64, 64), (64, 64), geo)
+    assert expected[:, :, [0, 63], :].any() and expected[:, :, :, [0, 63]].any()
+    np.testing.assert_array_equal(np.sort(up.flat_on(maps, thr)), np.flatnonzero(expected))
+
+
+def test_flat_on_indices_are_int64_when_the_mask_is_too_large_for_int32() -> None:
+    up = ThresholdedUpsample((2, 2), (4, 4), (4, 4))
+    maps = np.zeros((2, 1, 2, 2), np.float32)
+    maps[1, 0, 1, 1] = 1.0  # only the bottom-right label pixel of image 1 reaches 1.0
+    units = 2**31 // 16 + 1
+    found = up.flat_on(maps, np.ones(1, np.float32), units=units, offset=units - 1)
+    assert found.dtype == np.int64
+    assert found.tolist() == [((1 * units + units - 1) * 4 + 3) * 4 + 3]
+
+
+def test_flat_on_names_units_that_do_not_fit() -> None:
+    up = ThresholdedUpsample((2, 2), (4, 4), (4, 4))
+    maps = np.zeros((1, 3, 2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"units 2\.\.4 of the maps do not fit a mask of 4 units"):
+        up.flat_on(maps, np.zeros(3, np.float32), units=4, offset=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    length=st.integers(0, 200),
+    density=st.sampled_from([0.0, 0.01, 0.3, 1.0]),
+    seed=st.integers(0, 2**31),
+)
+def test_sparse_flatnonzero_is_flatnonzero(length, density, seed) -> None:
+    mask = np.random.default_rng(seed).random(length) < density
+    np.testing.assert_array_equal(_sparse_flatnonzero(mask), np.flatnonzero(mask))

@@ -149,6 +149,78 @@ def test_update_on_entries_matches_brute_force(torch_only, **case):
     assert states_equal(stat.state_dict(), dense.state_dict())
 
 
+@settings(max_examples=50, deadline=None)
+@given(torch_only=st.booleans(), wide=st.booleans(), **case_args)
+def test_update_flat_matches_brute_force(torch_only, wide, **case):
+    """Tallies from the flat indices of the on entries, in any order and either index
+    dtype, equal those of the dense masks."""
+    table, masks, labels, image_labels = random_case(**case)
+    k = case["num_categories"]
+    index = np.flatnonzero(masks).astype(np.int64 if wide else np.int32)
+    index = index[np.random.default_rng(case["seed"]).permutation(len(index))]
+    stat = IoU(case["u"], table, categories=[f"cat{i}" for i in range(k)])
+    with (
+        mock.patch("nethook.stats.iou._numpy_view", return_value=None)
+        if torch_only
+        else (contextlib.nullcontext())
+    ):
+        stat.update_flat(index, labels, image_labels)
+    assert_matches_brute_force(stat, masks, labels, image_labels, table, k)
+    dense = IoU(case["u"], table, categories=[f"cat{i}" for i in range(k)])
+    dense.update(torch.from_numpy(masks), labels, image_labels)
+    assert states_equal(stat.state_dict(), dense.state_dict())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 4),
+    layers=st.integers(1, 4),
+    block=st.sampled_from([1, 3, 8]),
+    shared=st.booleans(),
+    overlap=st.booleans(),
+)
+def test_labels_in_regions_match_brute_force(seed, n, layers, block, shared, overlap):
+    """Label maps made of uniform blocks (counted run by run), with ids that repeat across
+    layers at a pixel (``shared``) and pixel labels that are also whole-image labels."""
+    rng = np.random.default_rng(seed)
+    h = w = 16
+    table = np.array([-1, 0, 0, 0, 1, 1, 1, 2, 2])
+    pools = [np.arange(1, 9)] * layers if shared else np.array_split(np.arange(1, 9), layers)
+    grid = -(-h // block)
+    labels = np.zeros((n, layers, h, w), np.uint8)
+    for layer, pool in enumerate(pools):
+        coarse = rng.choice(np.concatenate([[0], pool]), (n, grid, grid))
+        labels[:, layer] = coarse.repeat(block, 1).repeat(block, 2)[:, :h, :w]
+    image_labels = rng.choice([0, 1, 7] if overlap else [0], (n, 2))
+    masks = rng.random((n, 3, h, w)) < 0.1
+    stat = IoU(3, table)
+    stat.update_flat(np.flatnonzero(masks), labels, image_labels)
+    assert_matches_brute_force(stat, masks, labels, image_labels, table, 3)
+
+
+def test_uniform_label_maps_count_per_image_and_layer():
+    """One id over every pixel of every layer of every image: one run per image and layer
+    (a run across images would lose the id from the second image's categories, one
+    across layers its repeat)."""
+    table = np.array([-1, 0, 1])
+    labels = np.ones((2, 2, 4, 4), np.uint8)
+    labels[1, 1] = 2
+    masks = np.random.default_rng(0).random((2, 2, 4, 4)) < 0.5
+    stat = IoU(2, table)
+    stat.update_flat(np.flatnonzero(masks), labels)
+    assert_matches_brute_force(stat, masks, labels, None, table, 2)
+
+
+def test_update_flat_names_bad_indices():
+    stat = IoU(2, np.array([-1, 0, 0]))
+    labels = np.zeros((1, 2, 3), np.int64)
+    with pytest.raises(ValueError, match=r"must lie in 0\.\.11, got 3\.\.12"):
+        stat.update_flat([3, 12], labels)
+    with pytest.raises(ValueError, match="integer flat indices"):
+        stat.update_flat(np.array([1.0]), labels)
+
+
 def test_update_on_names_bad_entries():
     stat = IoU(2, np.array([-1, 0, 0]))
     labels = np.zeros((1, 2, 3), np.int64)
