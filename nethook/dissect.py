@@ -1,14 +1,15 @@
 """Network Dissection: label every unit of a layer with the concept it detects.
 
 (thesis ch. 3; ``shared/METHODS.md`` section 1). Pass 1 finds each unit's top-quantile
-threshold with a :class:`~nethook.stats.quantile.Quantile` sketch; pass 2 tallies the
+threshold with a :class:`~nethook.stats.TopQuantile` sketch; pass 2 tallies the
 intersection and union of each unit's thresholded, upsampled activation map with
 every concept's label map (:class:`~nethook.stats.iou.IoU`), category-conditioned.
-By default pass 1 also records the layers' activations (float32), each image's concept
-labels and its gallery thumbnail in a temporary activation store, and pass 2 reads
-them back instead of rendering the images and running the model again
-(``pass2="recompute"`` does the latter, for runs whose store would not fit on disk).
-The top-activating images of each unit are gathered for galleries in passing.
+By default pass 1 also records, in a temporary :class:`~nethook.batchlog.BatchLog`,
+the few activations that can still reach a threshold (those above the sketch's
+running floor, with their neighbourhoods), each image's concept labels and its
+gallery thumbnail, and pass 2 rebuilds the masks from them instead of rendering the
+images and running the model again (``pass2="recompute"`` does the latter). The
+top-activating images of each unit are gathered for galleries in passing.
 
 Results per layer are an ``xarray.Dataset`` (the *dissection dataset*):
 
@@ -51,10 +52,11 @@ import xarray as xr
 from torch import nn
 
 from nethook.atomic import write_text
+from nethook.batchlog import BatchLog
 from nethook.models import model_device
 from nethook.rotation import Rotate
 from nethook.stats.iou import IoU
-from nethook.stats.quantile import Quantile
+from nethook.stats.top_quantile import TopQuantile
 from nethook.upsample import (
     Geometry,
     ThresholdedUpsample,
@@ -244,52 +246,46 @@ def _rmtree(path: Path) -> None:
 class _LayerPass1:
     """Pass 1 for one layer: its threshold sketch and its top images, checkpointable.
 
-    The maps are prepared once for both. The sketch sees every position of every
-    image, or, when that is more than ``sketch_samples`` values per unit over the
-    run, the same ``keep`` positions of each image of a batch, drawn at random
-    (seeded by the run's seed and the batch's first sample, so a resumed run draws
-    the same). Thinning adds a sampling error to the thresholds' rank of at most
-    about ``sqrt(q (1 - q) / sketch_samples)`` (7e-5 at q = 0.005 and the default
-    2**20), less than the sketch's own error bound in the tail; it is what keeps the
-    sketch's cost from dominating large layers.
+    The maps are prepared once for both. The sketch (:class:`TopQuantile`) sees every
+    position of every image but keeps only the values above its floor, a few percent
+    of them; the top images are ranked by each unit's peak activation.
     """
 
     def __init__(
         self,
         layer: str,
         prepare: Callable[[torch.Tensor], torch.Tensor],
-        sketch: Quantile,
+        sketch: TopQuantile,
         top: Any,
-        keep: int | None,
-        seed: int,
     ):
         self.layer = layer
         self.layers = (layer,)
         self.prepare = prepare
         self.sketch = sketch
         self.top = top
-        self.keep = keep
-        self.seed = seed
+        self.last: tuple[int, torch.Tensor] | None = None  # (batch number, prepared maps)
+
+    def maps(self, batch) -> torch.Tensor:
+        """The batch's maps, prepared (once per batch: the recorder reuses them)."""
+        if self.last is None or self.last[0] != batch.number:
+            self.last = (batch.number, self.prepare(batch.acts[self.layer]).detach())
+        return self.last[1]
 
     def __call__(self, batch) -> None:
-        acts = self.prepare(batch.acts[self.layer]).detach()
+        acts = self.maps(batch)
         n, units = acts.shape[:2]
-        chosen = None
-        if self.keep is not None and self.keep < acts[0, 0].numel():
-            rng = np.random.default_rng([self.seed, int(batch.start)])
-            chosen = np.sort(rng.choice(acts[0, 0].numel(), self.keep, replace=False))
-        if acts.device.type == "cpu":  # numpy's reductions and gathers: faster here
-            maps = acts.numpy().reshape(n, units, -1)
-            peak = torch.from_numpy(maps.max(2))
-            sample = maps if chosen is None else maps[:, :, chosen]
-            rows = torch.from_numpy(sample.transpose(0, 2, 1).reshape(-1, units))
+        if acts.device.type == "cpu":  # numpy's reductions: faster here
+            peak = torch.from_numpy(acts.numpy().reshape(n, units, -1).max(2))
         else:
-            maps = acts.reshape(n, units, -1)
-            peak = maps.amax(2)
-            sample = maps if chosen is None else maps[:, :, torch.as_tensor(chosen).to(maps.device)]
-            rows = sample.transpose(1, 2).reshape(-1, units)
+            peak = acts.reshape(n, units, -1).amax(2)
         self.top.update(peak, batch.positions.to(peak.device))
-        self.sketch.update(rows)
+        self.sketch.update(acts)
+        self.above = (batch.number, self.sketch.above)
+
+    def cells_above(self, batch) -> Any:
+        """The flat indices the sketch took from ``batch`` (None if it skipped the batch)."""
+        number, above = getattr(self, "above", (None, None))
+        return above if number == batch.number else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"sketch": self.sketch.state_dict(), "top": self.top.state_dict()}
@@ -299,11 +295,139 @@ class _LayerPass1:
         self.top.load_state_dict(sd["top"])
 
 
-def _sketch_keep(positions: int, samples: int, sketch_samples: int | None) -> int | None:
-    """Positions per image the threshold sketch sees (None: all of them)."""
-    if sketch_samples is None or positions * samples <= sketch_samples:
-        return None
-    return max(1, -(-int(sketch_samples) // samples))
+class _HotRecorder:
+    """Pass 1's record for pass 2: per batch, the cells of each layer that may be on.
+
+    Every activation at or above a unit's final threshold is above the floor of the
+    unit's sketch at any time (:class:`TopQuantile` keeps its floor below the
+    threshold, and :func:`_threshold` checks it), so the cells above the floor, with
+    their 3 x 3 neighbourhoods on layers that are upsampled (the corners of every
+    label tile next to them), decide the unit's masks exactly; :func:`_replay` fills
+    the rest of each map with the floor, which lies below the threshold. A batch is
+    written ``lag`` batches late, when the floor has risen further (it starts loose:
+    the early batches would otherwise hold most of the log), so only a few percent of
+    the activations are kept; held batches cost at most ``lag`` batches of memory.
+    The concept labels and thumbnails come from :class:`_Recorder`. A consumer of
+    pass 1 (after the layers' :class:`_LayerPass1`); a rerun starts at the first
+    batch missing from the log, and :meth:`close` writes the batches still held.
+    """
+
+    lag = 3
+
+    def __init__(
+        self,
+        log: BatchLog,
+        pass1: Mapping[str, _LayerPass1],
+        geometries: Mapping[str, Geometry | None],
+        record: _Recorder,
+    ) -> None:
+        self.log = log
+        self.pass1 = dict(pass1)
+        self.layers = tuple(self.pass1)
+        self.geometries = dict(geometries)
+        self.record = record
+        self.held: list[tuple[int, dict[str, np.ndarray], list[torch.Tensor]]] = []
+
+    def resume_batch(self, batch_size: int) -> int:
+        return self.log.done()
+
+    def __call__(self, batch) -> None:
+        arrays = {name: t.cpu().numpy() for name, t in self.record(batch).items()}
+        maps = [(first.maps(batch), first.cells_above(batch)) for first in self.pass1.values()]
+        self.held.append((batch.number, arrays, maps))
+        if len(self.held) > self.lag:
+            self._write(*self.held.pop(0))
+
+    def close(self) -> None:
+        """Write the batches held back (at the end of pass 1)."""
+        while self.held:
+            self._write(*self.held.pop(0))
+
+    def abort(self) -> None:
+        """Drop the batches held back (a rerun records them again)."""
+        self.held = []
+
+    def _write(self, number: int, arrays: dict[str, np.ndarray], maps: list) -> None:
+        label_size = tuple(arrays["labels"].shape[-2:])
+        for i, (layer, first) in enumerate(self.pass1.items()):
+            acts, above = maps[i]
+            floor = _numpy_array(first.sketch.floor).astype(np.float32)
+            size = tuple(acts.shape[-2:])
+            grow = not is_identity(size, label_size, self.record.input_size, self.geometries[layer])
+            index = _hot_cells(acts, above, floor, grow)
+            arrays[f"floor{i}"] = floor
+            arrays[f"index{i}"] = index
+            arrays[f"value{i}"] = _numpy_array(acts).reshape(-1)[index]
+        self.log.write(number, arrays)
+
+
+def _numpy_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    return t if isinstance(t, np.ndarray) else t.detach().cpu().numpy()
+
+
+def _hot_cells(acts: torch.Tensor, above, floor: np.ndarray, grow: bool) -> np.ndarray:
+    """Flat indices of the cells of ``acts`` ``[N, U, h, w]`` that are above ``floor``.
+
+    ``above`` are the indices the sketch took (above its floor then, which is at
+    most ``floor``), so only they are compared (None: compare every cell, for a
+    batch the sketch skipped on resuming). With ``grow``, each cell's 3 x 3
+    neighbourhood is added (marked in a scratch mask, then read back in order).
+    """
+    maps = _numpy_array(acts)
+    n, units, h, w = maps.shape
+    flat = maps.reshape(-1)
+    if above is None:
+        index = np.flatnonzero(maps > floor[None, :, None, None])
+    else:
+        index = _numpy_array(above)
+        index = index[flat[index] > floor[(index // (h * w)) % units]]
+    if not grow or index.size == 0:
+        return index
+    y, x = (index // w) % h, index % w
+    mark = np.zeros(flat.size, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            ok = (y + dy >= 0) & (y + dy < h) & (x + dx >= 0) & (x + dx < w)
+            mark[index[ok] + dy * w + dx] = True
+    return np.flatnonzero(mark)
+
+
+def _replay(
+    log: BatchLog,
+    layers: Sequence[str],
+    shapes: Mapping[str, tuple],
+    samples: int,
+    batch_size: int,
+    device: torch.device | str,
+):
+    """``make_batches`` for :func:`nethook.runner.run_batches`: pass 1's records as batches.
+
+    Each layer's maps are rebuilt from the recorded cells, every other cell set to the
+    unit's floor; ``data`` holds the stacked labels and thumbnails.
+    """
+    from nethook.runner import Batch
+
+    def make_batches(first: int):
+        offset = first * batch_size
+        for number in range(first, -(-samples // batch_size)):
+            record = log.read(number)
+            n = len(record["labels"])
+            acts = {}
+            for i, layer in enumerate(layers):
+                maps = np.empty((n, *shapes[layer][1:]), np.float32)
+                maps[...] = record[f"floor{i}"][None, :, None, None]
+                maps.reshape(-1)[record[f"index{i}"]] = record[f"value{i}"]
+                acts[layer] = torch.from_numpy(maps).to(device)
+            data = {
+                name: torch.from_numpy(record[name]).to(device)
+                for name in ("labels", "image_labels", "thumb")
+                if name in record
+            }
+            positions = torch.arange(offset, offset + n)
+            yield Batch(acts, data, positions, offset, number)
+            offset += n
+
+    return make_batches
 
 
 class _IoUTally:
@@ -559,8 +683,6 @@ def dissect(
     checkpoint_every: int = 20,
     progress: bool = True,
     pass2: str = "store",
-    store_dtype: str = "float32",
-    sketch_samples: int | None = 2**20,
 ) -> dict[str, xr.Dataset]:
     """Dissect ``layers`` of ``model`` on the concept ``source``; return one dataset per layer.
 
@@ -575,21 +697,18 @@ def dissect(
     where possible, else uniform). Top ``topk`` images per unit are kept, with
     thumbnails and masks at ``gallery_size`` pixels (``None``: no thumbnails).
 
-    ``pass2="store"`` (default) records the layers' activations (in ``store_dtype``),
-    the concept labels and the thumbnails in pass 1 to a temporary activation store
-    (``out/checkpoints/pass1.zarr``, or a temporary directory without ``out``),
-    removed once the dissection succeeds, and pass 2 reads them back: no second
-    rendering or forward pass, and the same results as ``pass2="recompute"``, which
-    runs the source and model again (for runs whose store would not fit on disk: it
-    takes ``samples * (units * cells * 4 + label bytes)`` bytes). A float16 store
-    halves that but costs CPU time to convert; both passes then measure the
-    float16-rounded activations (thresholds within 5e-4 relative, IoUs within about
-    1e-3 of float32's; tested).
+    ``pass2="store"`` (default) records in pass 1, to a temporary batch log
+    (``out/checkpoints/pass1.log``, or a temporary directory without ``out``), every
+    activation above its unit's running floor (a few percent of them; the floor stays
+    below the final threshold) with its neighbourhood, the concept labels and the
+    thumbnails; pass 2 rebuilds the masks from them, with no second rendering or
+    forward pass and the same results as ``pass2="recompute"``, which runs the source
+    and model again. The log is removed once the dissection succeeds.
 
-    The threshold sketch sees at most about ``sketch_samples`` values per unit (a
-    random share of each image's positions when a layer has more; ``None``: all),
-    which adds a rank error of about ``sqrt(quantile / sketch_samples)`` (7e-5 by
-    default) to the thresholds.
+    The thresholds come from a :class:`~nethook.stats.TopQuantile` sketch of every
+    position of every image; it keeps only the values that can still be in the top
+    ``2 * quantile`` (a few percent), so its rank error is a small fraction of that
+    top share.
 
     With ``out``, results go to ``out/results.zarr``, ``results.json`` and
     ``results.csv``, and both passes checkpoint to ``out/checkpoints/``: a killed
@@ -599,7 +718,7 @@ def dissect(
     from nethook.layers import resolve_layers
     from nethook.models import load_model
     from nethook.plugins import get_source
-    from nethook.runner import StoreWriter, run, run_store
+    from nethook.runner import run, run_batches
     from nethook.stats.topk import TopK
 
     model_spec = model if isinstance(model, str) else type(model).__name__
@@ -618,10 +737,6 @@ def dissect(
         raise ValueError(f"rotate (alpha) must lie in [0, 1], got {rotate}")
     if pass2 not in PASS2_MODES:
         raise ValueError(f"pass2 must be one of {PASS2_MODES}, got {pass2!r}")
-    if sketch_samples is not None and int(sketch_samples) < 1:
-        raise ValueError(
-            f"sketch_samples must be a positive count (or None for all), got {sketch_samples}"
-        )
     model.eval()
     if device is not None:
         model.to(device)
@@ -630,10 +745,8 @@ def dissect(
     ckpt_dir = Path(out) / "checkpoints" if out is not None else None
     if ckpt_dir is not None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    precision = store_dtype if pass2 == "store" else None
     model_hash = hash_model(model)
     key = content_key(
-        precision=precision,
         model=model_hash,
         source=source.fingerprint(),
         layers=layers,
@@ -642,7 +755,7 @@ def dissect(
         rotate=rotate,
         seed=seed,
         batch_size=batch_size,
-        sketch_samples=sketch_samples,
+        sketch="top",
     )
     common = dict(
         batch_size=batch_size,
@@ -656,7 +769,7 @@ def dissect(
 
     first = source[0]
     shapes = _layer_shapes(model, layers, source, first, device)
-    prepare = {layer: _preparer(layer, shapes[layer], rotate, seed, precision) for layer in layers}
+    prepare = {layer: _preparer(layer, shapes[layer], rotate, seed) for layer in layers}
 
     input_size = tuple(first["image"].shape[-2:])
     thumb = _thumb_size(input_size, gallery_size) if gallery_size else None
@@ -666,32 +779,22 @@ def dissect(
         pass2 = "recompute"  # a finished pass 2 needs no store (only its gallery renders)
 
     # Pass 1: thresholds (top quantile over every position of every image) and top images.
+    geometries = {
+        layer: (geometry or {}).get(layer) or infer_geometry(model, layer) for layer in layers
+    }
     pass1: dict[str, Any] = {}
     for layer in layers:
-        keep = _sketch_keep(int(np.prod(shapes[layer][2:])), n, sketch_samples)
-        pass1[layer] = _LayerPass1(
-            layer, prepare[layer], Quantile(seed=seed), TopK(topk), keep, seed
-        )
+        positions = n * int(np.prod(shapes[layer][2:]))
+        sketch = TopQuantile(share=quantile, total=positions, margin=1.25, seed=seed)
+        pass1[layer] = _LayerPass1(layer, prepare[layer], sketch, TopK(topk))
     scratch = None
+    log = None
     if pass2 == "store":
         if ckpt_dir is None:
             scratch = Path(tempfile.mkdtemp(prefix="nethook-dissect-"))
-        store_path = (ckpt_dir or scratch) / "pass1.zarr"
-        pass1["store"] = StoreWriter(
-            store_path,
-            layers,
-            samples=n,
-            dtype=store_dtype,
-            block_samples=_block_samples(batch_size, shapes),
-            attrs={
-                "model": model_spec,
-                "model_hash": model_hash,
-                "source": source_spec,
-                "source_fingerprint": source.fingerprint(),
-                "seed": seed,
-            },
-            sample_data=_Recorder(concepts, input_size, thumb),
-        )
+        log = BatchLog((ckpt_dir or scratch) / "pass1.log", key)
+        recorder = _HotRecorder(log, pass1, geometries, _Recorder(concepts, input_size, thumb))
+        pass1 = {**pass1, "record": recorder}
     try:
         run(
             model,
@@ -704,27 +807,26 @@ def dissect(
         thresholds = {layer: _threshold(pass1[layer].sketch, quantile) for layer in layers}
 
         # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.
-        geometries = {
-            layer: (geometry or {}).get(layer) or infer_geometry(model, layer) for layer in layers
-        }
         units = [shapes[layer][1] for layer in layers]
+        # the log holds prepared (rotated) maps: pass 2 takes them as they are
+        prepared = prepare if log is None else dict.fromkeys(layers, _identity)
         tally = _IoUTally(
-            IoU(sum(units), concepts), layers, prepare, thresholds, geometries, input_size
+            IoU(sum(units), concepts), layers, prepared, thresholds, geometries, input_size
         )
         tops = {layer: _top(pass1[layer].top) for layer in layers}
         consumers2: dict[str, Any] = {"iou": tally}
         if thumb is not None:
             indices = {layer: tops[layer][1] for layer in layers}
             consumers2["gallery"] = _Gallery(
-                indices, prepare, thresholds, geometries, thumb, input_size
+                indices, prepared, thresholds, geometries, thumb, input_size
             )
         checkpoint2 = ckpt_dir / "pass2.npz" if ckpt_dir else None
-        if pass2 == "store":
-            run_store(
-                store_path,
+        if log is not None:
+            run_batches(
+                _replay(log, layers, shapes, n, batch_size, device or model_device(model)),
                 consumers2,
+                total=n,
                 batch_size=batch_size,
-                device=device or model_device(model),
                 checkpoint=checkpoint2,
                 checkpoint_every=checkpoint_every,
                 checkpoint_key=key2,
@@ -744,11 +846,11 @@ def dissect(
         if scratch is not None:
             _rmtree(scratch)
         raise
-    # the store is spent: delete it while the results are assembled (on success only,
+    # the log is spent: delete it while the results are assembled (on success only,
     # so that a killed run resumes from it)
     cleanup = None
-    if pass2 == "store":
-        cleanup = threading.Thread(target=_rmtree, args=(scratch or store_path,), daemon=True)
+    if log is not None:
+        cleanup = threading.Thread(target=_rmtree, args=(scratch or log.path,), daemon=True)
         cleanup.start()
     iou_all = tally.stat.iou_xarray()
     offsets = np.concatenate([[0], np.cumsum(units)])
@@ -775,7 +877,6 @@ def dissect(
             "rotate": rotate,
             "seed": seed,
             "pass2": requested,
-            "precision": precision or "float32",
         }
         results[layer] = ds
     if thumb is not None:
@@ -789,15 +890,6 @@ def dissect(
 
 
 PASS2_MODES = ("store", "recompute")
-
-
-def _block_samples(batch_size: int, shapes: Mapping[str, tuple]) -> int:
-    """Samples per block of the pass-1 store: whole batches, about 16 MiB of float32.
-
-    Small blocks keep pass 2's read-ahead (a few blocks of every layer) small.
-    """
-    per_sample = sum(int(np.prod(shape[1:])) for shape in shapes.values()) * 4
-    return batch_size * max(1, (16 << 20) // (per_sample * batch_size))
 
 
 def _thumb_size(input_size: tuple[int, int], gallery_size: int) -> tuple[int, int]:
@@ -850,44 +942,32 @@ def _layer_shapes(
     return shapes
 
 
-def _threshold(sketch: Quantile, quantile: float) -> torch.Tensor:
+def _threshold(sketch: TopQuantile, quantile: float) -> torch.Tensor:
     """Per-unit ``T_k`` with ``P(a_k > T_k) = quantile``, as float32 ``[U]``.
 
     Masks are ``a >= T``. Where the top quantile is the unit's minimum (a ReLU unit
     that is zero almost everywhere), ``T`` is moved just above it, so the mask holds
     the positions where the unit is active rather than every position.
     """
-    t = sketch.quantiles([1.0 - quantile])[:, 0].double().cpu()
+    q = [1.0 - quantile]
+    t = sketch.quantiles(q)[:, 0].double().cpu()
     low = sketch.min().double().cpu()
+    unsure = sketch.uncertain(q)[:, 0].cpu()
+    if bool(unsure.any()):  # the sketch dropped values the threshold needs: never expected
+        raise RuntimeError(
+            f"the threshold sketch cannot certify the top {quantile} of units "
+            f"{torch.nonzero(unsure).flatten()[:10].tolist()}: their floor rose above the "
+            "threshold (a bug: please report it with the model and source)"
+        )
     t = torch.where(t <= low, torch.nextafter(low.float(), torch.tensor(np.inf)).double(), t)
     return t.float()
 
 
-def _preparer(
-    layer: str, shape: tuple, rotate: float | None, seed: int, precision: str | None = None
-):
-    """The transform applied to a layer's maps before measuring: identity or ``Q**alpha``.
-
-    With a ``precision`` (the store's dtype) the maps are first rounded to it, so that
-    pass 1 measures exactly the values pass 2 reads back from the store.
-    """
-    rotation = None if rotate is None else Rotate(shape[1], alpha=rotate, seed=seed)
-    if precision in (None, "float32"):
-        return rotation or _identity
-    return _Rounded(getattr(torch, precision), rotation)
-
-
-class _Rounded:
-    """Round maps to a narrower float dtype (and back), then apply ``then`` if given."""
-
-    def __init__(self, dtype: torch.dtype, then: Callable | None) -> None:
-        self.dtype = dtype
-        self.then = then
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.dtype:
-            x = x.to(self.dtype).to(x.dtype)
-        return x if self.then is None else self.then(x)
+def _preparer(layer: str, shape: tuple, rotate: float | None, seed: int):
+    """The transform applied to a layer's maps before measuring: identity or ``Q**alpha``."""
+    if rotate is None:
+        return _identity
+    return Rotate(shape[1], alpha=rotate, seed=seed)
 
 
 def _identity(x: torch.Tensor, layer: str | None = None) -> torch.Tensor:

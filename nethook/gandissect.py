@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +56,7 @@ from tqdm.auto import tqdm
 
 from nethook.dissect import image_bytes, label_units
 from nethook.models import model_device
+from nethook.runner import InOrder
 from nethook.sources import Segmenter
 from nethook.stats.compose import Conditional
 from nethook.stats.pair_iou import PairIoU, present_pairs
@@ -432,7 +432,7 @@ def gandissect(
     num_ids = int(segmenter.concepts()["id"].max()) + 1
 
     dist = LayerDistribution(pixel_step=pixel_step, concepts=ids)
-    with _InOrder() as behind:
+    with InOrder() as behind:
         for _, b in batches(
             generator, layer, segmenter, n, seed, batch_size, device, "gandissect thresholds",
             progress,
@@ -446,7 +446,7 @@ def gandissect(
     tally = PairIoU(torch.as_tensor(thresholds, dtype=torch.float32), concepts=ids)
     top = TopK(gallery) if gallery else None
     kept = _GalleryImages(thumbnail) if top is not None and thumbnail else None
-    with _InOrder() as behind:
+    with InOrder() as behind:
         for start, b in batches(
             generator, layer, segmenter, n_report, report_seed, batch_size, device,
             "gandissect iou", progress,
@@ -495,37 +495,6 @@ def gandissect(
         if kept is not None:
             kept.add_to(ds)
     return ds
-
-
-class _InOrder:
-    """Runs statistics updates one at a time on a worker thread, in order, while the
-    caller generates and segments the next batch (their numpy and torch kernels
-    release the GIL). :meth:`run` waits for the previous update first, so at most one
-    batch is in flight; leaving the ``with`` block waits for the last one, and an
-    update's error is raised in the caller."""
-
-    def __enter__(self) -> _InOrder:
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: Future | None = None
-        return self
-
-    def run(self, fn: Callable, *args: Any) -> None:
-        """Wait for the previous update, then start ``fn(*args)``."""
-        self.wait()
-        self.pending = self.pool.submit(fn, *args)
-
-    def wait(self) -> None:
-        """Wait for the update in flight (raising its error, if any)."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if exc[0] is None:
-                self.wait()
-        finally:
-            self.pool.shutdown(wait=True)
 
 
 class _GalleryImages:

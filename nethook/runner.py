@@ -32,6 +32,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -834,6 +835,73 @@ class _Failure:
     exc: BaseException = field()
 
 
+class InOrder:
+    """Run calls one at a time on a worker thread, in order, while the caller goes on.
+
+    Overlaps per-batch work (statistics updates, whose numpy and torch kernels release
+    the GIL) with the caller producing the next batch (a generator's forward pass).
+    :meth:`run` waits for the previous call first, so at most one is in flight;
+    leaving the ``with`` block waits for the last one, and a call's error is raised in
+    the caller. Only worth it when the caller's own work releases the GIL too: a
+    caller running pure Python (rendering scenes) starves the worker of the GIL.
+    """
+
+    def __enter__(self) -> InOrder:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nethook-in-order")
+        self.pending: Future | None = None
+        return self
+
+    def run(self, fn: Callable, *args: Any) -> None:
+        """Wait for the previous call, then start ``fn(*args)``."""
+        self.wait()
+        self.pending = self.pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        """Wait for the call in flight (raising its error, if any)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def run_batches(
+    make_batches: Callable[[int], Iterator[Batch]],
+    consumers: Mapping[str, Consumer] | Sequence[Consumer] | Consumer,
+    *,
+    total: int,
+    batch_size: int,
+    checkpoint: str | os.PathLike | Checkpoint | None = None,
+    checkpoint_every: int = 100,
+    checkpoint_key: str | None = None,
+    progress: bool = True,
+    desc: str = "running",
+) -> dict[str, Any]:
+    """Feed consumers batches that the caller makes (from records of an earlier pass).
+
+    ``make_batches(first)`` yields :class:`Batch` objects numbered ``first, first + 1,
+    ...`` of ``batch_size`` samples (``total`` in all); the loop, checkpoints, resume
+    and progress are those of :func:`run`. Returns the consumers, by name.
+    """
+    return _drive(
+        make_batches,
+        _as_dict(consumers),
+        total=total,
+        batch_size=batch_size,
+        start=0,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        checkpoint_key=checkpoint_key,
+        progress=progress,
+        desc=desc,
+    )
+
+
 def _drive(
     make_batches: Callable[[int], Iterator[Batch]],
     consumers: dict[str, Any],
@@ -890,9 +958,7 @@ def _drive(
                 dynamic_ncols=True,
             ) as bar:
                 for batch in make_batches(first):
-                    for name, c in consumers.items():
-                        if batch.number >= starts[name]:
-                            c(batch)
+                    _feed(consumers, starts, batch)
                     number = batch.number + 1
                     bar.update(len(batch))
                     if ckpt is not None and stateful and number % ckpt.every == 0:
@@ -908,6 +974,13 @@ def _drive(
     if ckpt is not None and stateful and n_batches > last_saved:
         _save(ckpt, meta, n_batches, stateful, starts)
     return consumers
+
+
+def _feed(consumers: dict[str, Any], starts: dict[str, int], batch: Batch) -> None:
+    """Hand ``batch`` to every consumer that has not seen it yet (a resumed one may have)."""
+    for name, c in consumers.items():
+        if batch.number >= starts[name]:
+            c(batch)
 
 
 def _save(

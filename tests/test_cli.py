@@ -26,9 +26,9 @@ def test_wrong_layer_name_is_a_one_line_error(tmp_path, capsys, monkeypatch) -> 
 
 def test_bad_option_value_names_it(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.delenv("NETHOOK_TRACEBACK", raising=False)
-    code = main([*dissect_argv(tmp_path), "--layers", "block4", "--sketch-samples", "-5"])
+    code = main([*dissect_argv(tmp_path), "--layers", "block4", "--quantile", "0.7"])
     assert code == 2
-    assert "sketch_samples must be a positive count" in capsys.readouterr().err
+    assert "quantile must be a top share in (0, 0.5), got 0.7" in capsys.readouterr().err
 
 
 def test_traceback_on_request(tmp_path, monkeypatch) -> None:

@@ -64,19 +64,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         "--pass2",
         choices=["store", "recompute"],
         default="store",
-        help="pass 2 reads pass 1's temporary store (default), or runs the model again",
-    )
-    parser.add_argument(
-        "--store-dtype",
-        choices=["float32", "float16"],
-        default="float32",
-        help="precision of the temporary store (float16 halves its disk use)",
-    )
-    parser.add_argument(
-        "--sketch-samples",
-        type=int,
-        default=2**20,
-        help="values per unit the threshold sketch sees at most (0: all)",
+        help="pass 2 reads the activations pass 1 kept (default), or runs the model again",
     )
     parser.add_argument("--device", help="torch device (default: the model's)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
@@ -145,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         num_workers=args.workers,
         pass2=args.pass2,
-        store_dtype=args.store_dtype,
-        sketch_samples=None if args.sketch_samples == 0 else args.sketch_samples,
         progress=not args.quiet,
     )
     rotation = sweep(args, args.model, layers, args.source, args.weights)

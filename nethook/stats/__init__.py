@@ -12,6 +12,7 @@ from nethook.stats.moments import Covariance, CrossCovariance, Mean, SecondMomen
 from nethook.stats.pair_iou import PairIoU
 from nethook.stats.persist import cached, load, save
 from nethook.stats.quantile import Quantile
+from nethook.stats.top_quantile import TopQuantile
 from nethook.stats.topk import TopK
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SecondMoment",
     "Stat",
     "TopK",
+    "TopQuantile",
     "Variance",
     "cached",
     "check_batch",
