@@ -240,8 +240,8 @@ class ThresholdedUpsample:
     float32), so a plateau of cells equal to the threshold stays on; ``upsample``'s
     matrix products may round differently within one unit in the last place.
     Runs in numpy (CPU). Everything that depends only on the shapes (per cell: its
-    tile's size class, corner offsets, first pixel; per size class: the pixel
-    offsets) is tabulated once, here.
+    tile's group, corner offsets, first pixel; per group: the pixel offsets; the
+    weights tiles share) is tabulated once, here.
     """
 
     def __init__(
@@ -413,25 +413,26 @@ def _sparse_flatnonzero(mask: np.ndarray) -> np.ndarray:
 class _TileShape:
     """A group of tiles evaluated together, as ``[height * width, tiles]`` arrays.
 
-    ``offsets``: each position's flat label-pixel offset (``r * W + c``, int32) from
-    the tile's top-left. A ``ragged`` group holds smaller tiles too, padded to this
-    shape; ``inside`` ``[position, cell]`` then says which positions the tile of
-    each cell holds (else None).
+    ``r``/``c``: each position's row and column in the tile; ``offsets``: its flat
+    label-pixel offset ``r * W + c`` (int32) from the tile's top-left. A ``ragged``
+    group holds smaller tiles too, padded to this shape: ``inside`` ``[position,
+    cell]`` then says which positions the tile of each cell of the map holds (None
+    for a group of one tile size).
     """
 
-    def __init__(
-        self, height: int, width: int, label_width: int, ragged: bool, ay, ax, row, col
-    ) -> None:
+    def __init__(self, height: int, width: int, label_width: int) -> None:
         self.height = height
         self.width = width
-        self.ragged = ragged
         self.size = height * width
-        r = np.repeat(np.arange(height), width)[:, None]
-        c = np.tile(np.arange(width), height)[:, None]
-        self.offsets = (r * label_width + c).astype(np.int32)[:, 0]
-        self.inside = None
-        if ragged:
-            self.inside = (r < ay.length[row]) & (c < ax.length[col])
+        self.r = np.repeat(np.arange(height), width)
+        self.c = np.tile(np.arange(width), height)
+        self.offsets = (self.r * label_width + self.c).astype(np.int32)
+        self.inside: np.ndarray | None = None
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the group pads smaller tiles to its shape."""
+        return self.inside is not None
 
 
 class _CellTable:
@@ -456,21 +457,20 @@ class _CellTable:
         self.down = ((ay.hi - np.arange(h)) * w)[self.row]
         self.origin = (ay.start * label_width)[self.row] + ax.start[self.col]
         th, tw = ay.length[self.row], ax.length[self.col]
-        filled = (th > 0) & (tw > 0)
         self.group = np.full(self.count, -1, dtype=np.int64)
         self.groups: list[_TileShape] = []
-        if filled.any():
-            sizes = th[filled] * (int(tw.max()) + 1) + tw[filled]
-            common = np.bincount(sizes).argmax()
-            main = filled & (th * (int(tw.max()) + 1) + tw == common)
-            self.group[main] = 0
-            for ragged, members in ((False, main), (True, filled & ~main)):
-                if members.any():
-                    self.group[members] = len(self.groups)
-                    height, width = int(th[members].max()), int(tw[members].max())
-                    self.groups.append(
-                        _TileShape(height, width, label_width, ragged, ay, ax, self.row, self.col)
-                    )
+        size = th * (int(tw.max()) + 1) + tw  # one number per tile size
+        filled = (th > 0) & (tw > 0)
+        if not filled.any():
+            return
+        main = filled & (size == np.bincount(size[filled]).argmax())
+        for members in (main, filled & ~main):
+            if members.any():
+                self.group[members] = len(self.groups)
+                shape = _TileShape(int(th[members].max()), int(tw[members].max()), label_width)
+                if self.groups:  # padded: mark the positions each tile holds
+                    shape.inside = (shape.r[:, None] < th) & (shape.c[:, None] < tw)
+                self.groups.append(shape)
 
     def candidates(self, hot: np.ndarray, maps: int) -> list[tuple[int, np.ndarray]]:
         """The tiles next to the ``hot`` cells (flat indices over ``maps`` maps), each
