@@ -1,6 +1,7 @@
 """Dissection's pass 2 on CPU: finding the on entries and tallying them, old vs new.
 
     .venv/bin/python benchmarks/bench_pass2.py [--images 400] [--repeat 5] [--label-dtype uint8]
+        [--api flat|on]
 
 Records once the inputs pass 2 tallies in a real run: the demo model
 (``nethook.demo.scene_cnn:scene_cnn``) over ``scenes:n=IMAGES,size=64,seed=777`` in
@@ -12,8 +13,9 @@ what a source gives); thresholds are each unit's exact 0.995 quantile of the kep
 Then times, side by side in one process, per batch as ``_IoUTally._sparse`` does it:
 
 - ``find``: the on entries of every layer's thresholded, upsampled maps
-  (``ThresholdedUpsample.on``);
-- ``tally``: adding them to an ``IoU`` stat (``IoU.update_on``);
+  (``ThresholdedUpsample.flat_on`` into one mask of all layers' units; with
+  ``--api on`` and in the reference, ``ThresholdedUpsample.on``);
+- ``tally``: adding them to an ``IoU`` stat (``IoU.update_flat``; ``IoU.update_on``);
 
 for the reference code (``nethook/upsample.py`` and ``nethook/stats/iou.py`` as of git
 revision ``--reference``, loaded from git into modules of their own) and for the working
@@ -94,18 +96,18 @@ def exact_thresholds(batches) -> dict[str, np.ndarray]:
 class Pass2:
     """Pass 2's tallying with one version of the code, batch by batch, timed.
 
-    Uses ``flat_on`` and ``IoU.update_flat`` where the version has them (one flat
-    index per entry), else ``on`` and ``IoU.update_on`` (the reference).
+    Uses ``flat_on`` and ``IoU.update_flat`` where the version has them and ``flat``
+    (one flat index per entry), else ``on`` and ``IoU.update_on`` (the reference).
     """
 
-    def __init__(self, upsample, iou, geometry, thresholds, concepts, shapes) -> None:
+    def __init__(self, upsample, iou, geometry, thresholds, concepts, shapes, flat=True) -> None:
         self.finders = {
             layer: upsample.ThresholdedUpsample(shapes[layer], (64, 64), (64, 64), geometry[layer])
             for layer in LAYERS
         }
         self.offsets = np.cumsum([0] + [len(thresholds[layer]) for layer in LAYERS])
         self.stat = iou.IoU(int(self.offsets[-1]), concepts)
-        self.flat = hasattr(self.stat, "update_flat")
+        self.flat = flat and hasattr(self.stat, "update_flat")
         self.thresholds = thresholds
         self.find_seconds = 0.0
         self.tally_seconds = 0.0
@@ -152,6 +154,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--label-dtype", choices=["uint8", "int64"], default="uint8")
     parser.add_argument("--reference", default=REFERENCE, help="git revision of the old code")
+    parser.add_argument(
+        "--api",
+        choices=["flat", "on"],
+        default="flat",
+        help="the new code through flat_on / update_flat, or through on / update_on",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -171,7 +179,7 @@ def main() -> None:
     stats = {}
     for _ in range(args.repeat):
         runs = {
-            name: Pass2(up, iou, geometry, thresholds, concepts, shapes)
+            name: Pass2(up, iou, geometry, thresholds, concepts, shapes, args.api == "flat")
             for name, (up, iou) in versions.items()
         }
         for b, (maps, labels, image_labels) in enumerate(batches):
