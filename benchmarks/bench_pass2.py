@@ -197,7 +197,8 @@ def main() -> None:
     ):
         raise AssertionError("old and new code tallied differently")
 
-    on_share = np.mean([len(runs["new"].find(b[0])) for b in batches]) / (
+    new = runs["new"]
+    on_share = np.mean([len(new.flat_index(new.find(b[0]))) for b in batches]) / (
         args.batch_size * int(runs["new"].offsets[-1]) * 64 * 64
     )
     print(
