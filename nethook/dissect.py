@@ -769,6 +769,8 @@ def dissect(
 
     first = source[0]
     shapes = _layer_shapes(model, layers, source, first, device)
+    # on CPU, pass 1's statistics run in a worker process, beside loading and the model
+    offload = torch.device(device or model_device(model)).type == "cpu"
     prepare = {layer: _preparer(layer, shapes[layer], rotate, seed) for layer in layers}
 
     input_size = tuple(first["image"].shape[-2:])
@@ -802,6 +804,7 @@ def dissect(
             pass1,
             checkpoint=ckpt_dir / "pass1.npz" if ckpt_dir else None,
             desc="dissect 1/2: thresholds",
+            offload=offload,
             **common,
         )
         thresholds = {layer: _threshold(pass1[layer].sketch, quantile) for layer in layers}

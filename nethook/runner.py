@@ -606,6 +606,7 @@ def run(
     seed: int = 0,
     progress: bool = True,
     desc: str = "running",
+    offload: bool = False,
 ) -> dict[str, Any]:
     """Run ``model`` over samples ``start .. start+samples`` of ``source`` and feed consumers.
 
@@ -617,6 +618,9 @@ def run(
     one cannot change it). With ``checkpoint`` (a path), stateful consumers are saved
     every ``checkpoint_every`` batches and a rerun resumes from the last save;
     ``checkpoint_key`` (e.g. a content key of model and source) must match to resume.
+    ``offload=True`` runs the consumers in a worker process (CPU only; for consumers
+    that keep their results in their state or in files, see :mod:`nethook.offload`):
+    their work then overlaps the loading and forward pass of the next batch.
     Returns the consumers, by name.
     """
     from nethook.trace import TraceDict
@@ -674,6 +678,7 @@ def run(
         checkpoint_key=checkpoint_key,
         progress=progress,
         desc=desc,
+        offload=offload,
     )
 
 
@@ -881,12 +886,13 @@ def run_batches(
     checkpoint_key: str | None = None,
     progress: bool = True,
     desc: str = "running",
+    offload: bool = False,
 ) -> dict[str, Any]:
     """Feed consumers batches that the caller makes (from records of an earlier pass).
 
     ``make_batches(first)`` yields :class:`Batch` objects numbered ``first, first + 1,
-    ...`` of ``batch_size`` samples (``total`` in all); the loop, checkpoints, resume
-    and progress are those of :func:`run`. Returns the consumers, by name.
+    ...`` of ``batch_size`` samples (``total`` in all); the loop, checkpoints, resume,
+    progress and ``offload`` are those of :func:`run`. Returns the consumers, by name.
     """
     return _drive(
         make_batches,
@@ -899,6 +905,7 @@ def run_batches(
         checkpoint_key=checkpoint_key,
         progress=progress,
         desc=desc,
+        offload=offload,
     )
 
 
@@ -914,8 +921,13 @@ def _drive(
     checkpoint_key: str | None,
     progress: bool,
     desc: str,
+    offload: bool = False,
 ) -> dict[str, Any]:
-    """The shared loop: resume, feed consumers, checkpoint, show progress, close."""
+    """The shared loop: resume, feed consumers, checkpoint, show progress, close.
+
+    With ``offload``, the consumers run in a worker process (:mod:`nethook.offload`);
+    checkpoints and the end of the loop bring their states back.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_batches = -(-total // batch_size)
@@ -947,6 +959,11 @@ def _drive(
     failed = True
     last_saved = done
     number = first
+    feeder = None
+    if offload and first < n_batches:
+        from nethook.offload import Offload
+
+        feeder = Offload(consumers, starts)
     try:
         if first < n_batches:
             with tqdm(
@@ -958,15 +975,26 @@ def _drive(
                 dynamic_ncols=True,
             ) as bar:
                 for batch in make_batches(first):
-                    _feed(consumers, starts, batch)
+                    if feeder is not None:
+                        feeder(batch)
+                    else:
+                        _feed(consumers, starts, batch)
                     number = batch.number + 1
                     bar.update(len(batch))
                     if ckpt is not None and stateful and number % ckpt.every == 0:
+                        if feeder is not None:
+                            feeder.sync()
                         _save(ckpt, meta, number, stateful, starts)
                         last_saved = number
+        if feeder is not None:
+            feeder.finish(ok=True)  # the consumers close in the worker
         failed = False
     finally:
+        if feeder is not None and failed:
+            feeder.finish(ok=False)
         for c in consumers.values():
+            if feeder is not None:
+                break
             if failed and hasattr(c, "abort"):
                 c.abort()
             elif not failed and hasattr(c, "close"):

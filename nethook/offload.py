@@ -1,0 +1,186 @@
+"""Run a loop's consumers in a worker process, so their CPU work overlaps the next batch.
+
+In one Python process, consumers (statistics updates, recorders) and the code that
+makes the next batch (rendering images, which is pure Python) take turns on one
+interpreter lock, so a second core sits idle. :class:`Offload` forks a worker
+process that holds the consumers; each batch travels to it through shared memory
+(``torch.multiprocessing``), and at most ``depth`` batches are in flight, which
+bounds the memory used. The worker's consumer states come back for checkpoints
+(:meth:`Offload.sync`) and at the end (:meth:`Offload.finish`), into the caller's
+own consumer objects, so after the loop they hold what they would have held had
+they run in the caller.
+
+For CPU tensors and consumers whose results live in their ``state_dict`` or in
+files they write: anything else a consumer changes (a list in the caller, say)
+changes only in the worker.
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+_POLL = 0.5  # seconds between checks that the worker is still alive
+
+
+class OffloadError(RuntimeError):
+    """The worker process died, or a consumer there raised an exception that cannot be
+    sent back (its traceback is in the message; others are raised as they are)."""
+
+
+class Offload:
+    """Feed ``consumers`` (``{name: consumer}``) in a forked worker process.
+
+    ``starts[name]`` is the first batch number each consumer takes (a resumed run
+    skips what a consumer has already seen). Call the object with each batch, then
+    :meth:`finish`.
+    """
+
+    def __init__(
+        self, consumers: Mapping[str, Any], starts: Mapping[str, int], depth: int = 2
+    ) -> None:
+        self.consumers = dict(consumers)
+        ctx = mp.get_context("fork")
+        self.inbox = ctx.Queue(maxsize=depth)
+        self.outbox = ctx.Queue()
+        self.process = ctx.Process(
+            target=_serve,
+            args=(self.consumers, dict(starts), self.inbox, self.outbox),
+            name="nethook-offload",
+            daemon=True,
+        )
+        self.process.start()
+
+    def __call__(self, batch: Any) -> None:
+        """Send ``batch`` to the worker (waits while ``depth`` batches are in flight)."""
+        for t in _tensors(batch):
+            if t.device.type != "cpu":
+                raise ValueError(
+                    f"Offload sends CPU tensors to its worker process, got one on {t.device}"
+                )
+        self._check()
+        self._put(("batch", batch))
+
+    def sync(self) -> None:
+        """Load the worker's consumer states into the caller's consumers."""
+        self._put(("state", None))
+        self._load(self._get())
+
+    def finish(self, ok: bool = True) -> None:
+        """Close the consumers in the worker and load their final states (``ok``), or
+        stop the worker and drop what it held (after a failure in the caller)."""
+        try:
+            if ok:
+                self._put(("close", None))
+                self._load(self._get())
+            else:
+                self._put(("abort", None), wait=False)
+        finally:
+            self.process.join(timeout=10 if ok else 2)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join()
+
+    def _load(self, states: dict[str, Any]) -> None:
+        for name, state in states.items():
+            self.consumers[name].load_state_dict(state)
+
+    def _put(self, message: tuple, wait: bool = True) -> None:
+        while True:
+            try:
+                self.inbox.put(message, timeout=_POLL)
+                return
+            except queue.Full:
+                if not wait:
+                    return
+                self._check()
+
+    def _get(self) -> Any:
+        while True:
+            try:
+                kind, payload = self.outbox.get(timeout=_POLL)
+            except queue.Empty:
+                self._check(alive_only=True)
+                continue
+            if kind == "error":
+                _raise(payload)
+            return payload
+
+    def _check(self, alive_only: bool = False) -> None:
+        """Raise a consumer's error from the worker, or the worker's death."""
+        if not alive_only:
+            try:
+                kind, payload = self.outbox.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                if kind == "error":
+                    _raise(payload)
+                raise OffloadError(f"unexpected message {kind!r} from the worker process")
+        if not self.process.is_alive():
+            raise OffloadError(
+                f"the worker process of the consumers died (exit code {self.process.exitcode})"
+            )
+
+
+def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox) -> None:
+    """The worker: feed batches to the consumers in order; answer state requests."""
+    torch.set_num_threads(1)  # the caller's process runs the model on the other cores
+    try:
+        while True:
+            kind, payload = inbox.get()
+            if kind == "batch":
+                for name, c in consumers.items():
+                    if payload.number >= starts[name]:
+                        c(payload)
+            elif kind == "state":
+                outbox.put(("state", _states(consumers)))
+            elif kind == "close":
+                for c in consumers.values():
+                    if hasattr(c, "close"):
+                        c.close()
+                outbox.put(("state", _states(consumers)))
+                return
+            else:
+                for c in consumers.values():
+                    if hasattr(c, "abort"):
+                        c.abort()
+                return
+    except BaseException as exc:  # reported to the caller, which raises it
+        text = "in the worker process:\n" + traceback.format_exc()
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            exc = OffloadError(f"a consumer failed {text}")
+        outbox.put(("error", (exc, text)))
+
+
+def _raise(payload: tuple[BaseException, str]) -> None:
+    """Raise a worker's exception in the caller, with the worker's traceback as a note."""
+    exc, text = payload
+    exc.add_note(text)
+    raise exc
+
+
+def _states(consumers: dict[str, Any]) -> dict[str, Any]:
+    return {name: c.state_dict() for name, c in consumers.items() if hasattr(c, "state_dict")}
+
+
+def _tensors(batch: Any):
+    """Every tensor of a batch (activations, inputs, and data nested in dicts/lists)."""
+    stack = [getattr(batch, "acts", {}), getattr(batch, "data", None)]
+    stack += [getattr(batch, "inputs", {}), getattr(batch, "positions", None)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
