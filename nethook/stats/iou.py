@@ -17,9 +17,10 @@ W]`` product is never formed; a block of masks is tallied one of two ways, with
 identical results:
 
 - sparse: the flat indices of the mask's on entries give (image, unit, pixel);
-  the pixel's labels give (unit, concept) keys, counted by one bincount. Cost:
+  the pixel's labels give (unit, concept) keys, counted by bincounts. Cost:
   one pass over the mask plus work per on entry, so it suits thresholded
-  dissection masks (0.5% on).
+  dissection masks (0.5% on). :meth:`IoU.update_flat` and :meth:`IoU.update_on`
+  take the on entries themselves, found without any dense mask.
 - GEMM: per image ``mask[U, P] @ onehot[P, c_i + 1]``, where the ``c_i`` columns
   are only the concepts present in that image, plus a column of ones that yields
   the unit's area: ``U * P * (c_i + 1)`` multiply-adds, not ``U * P * concepts``,
@@ -273,7 +274,7 @@ class IoU(Stat):
         lab: torch.Tensor,
         image_labels: TensorLike | Mapping[str, TensorLike] | Sequence[TensorLike] | None,
     ) -> None:
-        """Tally checked flat int64 indices of on entries against the labels ``lab``."""
+        """Tally checked flat int32 / int64 indices of on entries against ``lab``."""
         n, _, h, w = lab.shape
         dev = lab.device
         img = None if image_labels is None else _gather_image_labels(image_labels, n).to(dev)
@@ -654,7 +655,8 @@ class _ChunkLabels:
 
     ``pixel`` is ``[n, L, P]`` with every label that would be counted twice set to
     0: a repeat of an earlier layer's label at the same pixel, and a concept that is
-    also a whole-image label of that image (it covers the pixel already).
+    also a whole-image label of that image (it covers the pixel already); read only
+    (on CPU, the given labels themselves when no label needs clearing).
     ``present`` ``[n, C]`` marks the concepts each image carries (0 excluded);
     ``whole_pairs`` are the (image, concept) pairs given as whole-image labels.
     On CPU the work runs in numpy (several times faster than torch's kernels here).
