@@ -100,9 +100,12 @@ def test_infer_geometry_gives_up_on_unknown_modules() -> None:
 
 
 def dense_on(maps: np.ndarray, thr: np.ndarray, size, input_size, geometry) -> np.ndarray:
-    """Reference: every label pixel interpolated from its 2 x 2 cells by the same float32
-    lerps (``a + (b - a) * f``, along x then y), so that values are the same floats."""
+    """Reference: every label pixel interpolated from its 2 x 2 cells by the same lerps
+    (``a + (b - a) * f``, along x then y, in float32 or wider), so that values are the
+    same floats."""
     h, w = maps.shape[-2:]
+    dtype = np.result_type(maps.dtype, np.float32)
+    maps, thr = maps.astype(dtype), thr.astype(dtype)
     (ly, hy, fy), (lx, hx, fx) = (
         axis_weights(n_label, n_input, n_cells, s, o)
         for n_label, n_input, n_cells, s, o in zip(
@@ -110,7 +113,7 @@ def dense_on(maps: np.ndarray, thr: np.ndarray, size, input_size, geometry) -> n
         )
     )
     m = maps
-    fy, fx = fy.astype(np.float32), fx.astype(np.float32)
+    fy, fx = fy.astype(dtype), fx.astype(dtype)
     top = m[..., ly, :][..., lx] + (m[..., ly, :][..., hx] - m[..., ly, :][..., lx]) * fx
     bottom = m[..., hy, :][..., lx] + (m[..., hy, :][..., hx] - m[..., hy, :][..., lx]) * fx
     values = top + (bottom - top) * fy[:, None]
@@ -242,3 +245,14 @@ def test_flat_on_names_units_that_do_not_fit() -> None:
 def test_sparse_flatnonzero_is_flatnonzero(length, density, seed) -> None:
     mask = np.random.default_rng(seed).random(length) < density
     np.testing.assert_array_equal(_sparse_flatnonzero(mask), np.flatnonzero(mask))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_flat_on_computes_in_the_maps_dtype_at_least_float32(dtype) -> None:
+    geo = Geometry(stride=(3.0, 2.0), offset=(1.0, 0.5))
+    rng = np.random.default_rng(1)
+    maps = rng.random((2, 3, 5, 6)).astype(dtype)
+    thr = np.quantile(maps, 0.8, axis=(0, 2, 3)).astype(dtype)
+    up = ThresholdedUpsample((5, 6), (14, 11), (15, 12), geo)
+    expected = dense_on(maps, thr, (14, 11), (15, 12), geo)
+    np.testing.assert_array_equal(np.sort(up.flat_on(maps, thr)), np.flatnonzero(expected))
