@@ -291,6 +291,7 @@ class ThresholdedUpsample:
         *,
         units: int | None = None,
         offset: int = 0,
+        cells: np.ndarray | None = None,
     ) -> np.ndarray:
         """Flat indices of the on entries of ``upsample(maps) >= threshold``.
 
@@ -301,6 +302,11 @@ class ThresholdedUpsample:
         :meth:`nethook.stats.IoU.update_flat` takes them. Each entry appears once,
         in no particular order. The dtype is int32 when the mask has fewer than
         2**31 entries (half the bytes to move), else int64.
+
+        ``cells``, when given, are flat indices into ``maps`` (each at most once) of
+        every cell that may reach its unit's threshold, such as the few cells a
+        sparse record of the maps holds: only they are compared, instead of every
+        cell of ``maps`` (the one pass over all of them that remains otherwise).
         """
         n, u, h, w = maps.shape
         units = u if units is None else int(units)
@@ -317,7 +323,17 @@ class ThresholdedUpsample:
         dtype = np.result_type(maps.dtype, np.float32)
         maps = np.ascontiguousarray(maps, dtype=dtype)
         thr = threshold.astype(dtype)
-        hot = _sparse_flatnonzero(maps >= thr[None, :, None, None])
+        if cells is None:
+            hot = _sparse_flatnonzero(maps >= thr[None, :, None, None])
+        else:
+            cells = np.asarray(cells, dtype=np.int64).reshape(-1)
+            if len(cells) and (cells.min() < 0 or cells.max() >= maps.size):
+                raise ValueError(
+                    "ThresholdedUpsample.flat_on: cells must be flat indices into maps "
+                    f"(0..{maps.size - 1}), got {cells.min()}..{cells.max()}"
+                )
+            unit = cells // (h * w) % u
+            hot = cells[maps.reshape(-1).take(cells) >= thr.take(unit)]
         place = _Placement(n, u, units, offset, self.size[0] * self.size[1])
         if self.identity:
             found, pixel = _split(hot, h * w)

@@ -256,3 +256,39 @@ def test_flat_on_computes_in_the_maps_dtype_at_least_float32(dtype) -> None:
     up = ThresholdedUpsample((5, 6), (14, 11), (15, 12), geo)
     expected = dense_on(maps, thr, (14, 11), (15, 12), geo)
     np.testing.assert_array_equal(np.sort(up.flat_on(maps, thr)), np.flatnonzero(expected))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(0, 3),
+    u=st.integers(1, 4),
+    h=st.integers(1, 7),
+    w=st.integers(1, 7),
+    size=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    geometry=geometries,
+    extra=st.sampled_from([0.0, 0.1, 1.0]),
+)
+def test_flat_on_compares_only_the_cells_given(seed, n, u, h, w, size, geometry, extra) -> None:
+    """Given any superset of the hot cells, in any order, the entries are the same: no
+    other cell is compared (those away from hot cells are +inf here, which would be on)."""
+    rng = np.random.default_rng(seed)
+    maps = (rng.integers(0, 4, (n, u, h, w)) / 4).astype(np.float32)
+    thr = rng.choice(maps.reshape(-1), u) if maps.size else np.zeros(u, np.float32)
+    up = ThresholdedUpsample((h, w), size, size, geometry)
+    expected = np.sort(up.flat_on(maps, thr, units=u + 1, offset=1))
+    hot = maps >= thr[None, :, None, None]
+    cells = np.flatnonzero(hot | (rng.random(maps.shape) < extra))
+    cells = cells[rng.permutation(len(cells))]
+    near = np.pad(hot, ((0, 0), (0, 0), (1, 1), (1, 1)))  # hot cells and their neighbours
+    near = np.any([near[:, :, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)], 0)
+    hidden = np.where(near, maps, np.inf).astype(np.float32)
+    hidden.reshape(-1)[cells] = maps.reshape(-1)[cells]
+    found = up.flat_on(hidden, thr, units=u + 1, offset=1, cells=cells)
+    np.testing.assert_array_equal(np.sort(found), expected)
+
+
+def test_flat_on_names_cells_outside_the_maps() -> None:
+    up = ThresholdedUpsample((2, 2), (4, 4), (4, 4))
+    with pytest.raises(ValueError, match=r"cells must be flat indices into maps \(0\.\.7\)"):
+        up.flat_on(np.zeros((1, 2, 2, 2), np.float32), np.zeros(2, np.float32), cells=[8])
