@@ -1,7 +1,7 @@
 """Dissection's pass 2 on CPU: finding the on entries and tallying them, old vs new.
 
     .venv/bin/python benchmarks/bench_pass2.py [--images 400] [--repeat 5] [--label-dtype uint8]
-        [--api flat|on]
+        [--api flat|cells|on]
 
 Records once the inputs pass 2 tallies in a real run: the demo model
 (``nethook.demo.scene_cnn:scene_cnn``) over ``scenes:n=IMAGES,size=64,seed=777`` in
@@ -14,6 +14,8 @@ Then times, side by side in one process, per batch as ``_IoUTally._sparse`` does
 
 - ``find``: the on entries of every layer's thresholded, upsampled maps
   (``ThresholdedUpsample.flat_on`` into one mask of all layers' units; with
+  ``--api cells`` given the cells pass 1 records, those above a floor at the 0.98
+  quantile with their 3 x 3 neighbourhoods on upsampled layers, found untimed; with
   ``--api on`` and in the reference, ``ThresholdedUpsample.on``);
 - ``tally``: adding them to an ``IoU`` stat (``IoU.update_flat``; ``IoU.update_on``);
 
@@ -39,11 +41,14 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from nethook.upsample import is_identity
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["block1", "block2", "block3", "block4"]
 MODEL = "nethook.demo.scene_cnn:scene_cnn"
 REFERENCE = "bfd030085936c790fcd7dcffebdc4acc3d21edc7"  # before pass 2 was reworked
 QUANTILE = 0.995
+FLOOR = 0.98  # pass 1 records the cells above such a floor, below the threshold (--api cells)
 
 
 def reference_module(revision: str, path: str, name: str) -> ModuleType:
@@ -83,68 +88,88 @@ def record(images: int, batch_size: int, label_dtype: torch.dtype):
     return batches, geometry, source.concepts()
 
 
-def exact_thresholds(batches) -> dict[str, np.ndarray]:
-    """Each unit's exact ``QUANTILE`` over all kept maps, float32 (as dissect keeps them)."""
+def exact_thresholds(batches, quantile: float = QUANTILE) -> dict[str, np.ndarray]:
+    """Each unit's exact ``quantile`` over all kept maps, float32 (as dissect keeps them)."""
     out = {}
     for layer in LAYERS:
         maps = np.concatenate([b[0][layer] for b in batches])
         rows = maps.transpose(1, 0, 2, 3).reshape(maps.shape[1], -1)
-        out[layer] = np.quantile(rows, QUANTILE, axis=1).astype(np.float32)
+        out[layer] = np.quantile(rows, quantile, axis=1).astype(np.float32)
     return out
 
 
 class Pass2:
     """Pass 2's tallying with one version of the code, batch by batch, timed.
 
-    Uses ``flat_on`` and ``IoU.update_flat`` where the version has them and ``flat``
-    (one flat index per entry), else ``on`` and ``IoU.update_on`` (the reference).
+    ``api``: ``"flat"`` (``flat_on`` and ``IoU.update_flat``, one flat index per
+    entry), ``"cells"`` (the same, ``flat_on`` given the cells of pass 1's record),
+    or ``"on"`` (``on`` and ``IoU.update_on``, as the reference does).
     """
 
-    def __init__(self, upsample, iou, geometry, thresholds, concepts, shapes, flat=True) -> None:
+    def __init__(self, upsample, iou, geometry, thresholds, concepts, shapes, api) -> None:
         self.finders = {
             layer: upsample.ThresholdedUpsample(shapes[layer], (64, 64), (64, 64), geometry[layer])
             for layer in LAYERS
         }
         self.offsets = np.cumsum([0] + [len(thresholds[layer]) for layer in LAYERS])
         self.stat = iou.IoU(int(self.offsets[-1]), concepts)
-        self.flat = flat and hasattr(self.stat, "update_flat")
+        self.api = api if hasattr(self.stat, "update_flat") else "on"
         self.thresholds = thresholds
         self.find_seconds = 0.0
         self.tally_seconds = 0.0
 
-    def find(self, maps):
+    def find(self, maps, cells=None):
         """Every layer's on entries, the units numbered across layers (as ``_sparse``)."""
         found = []
         units = int(self.offsets[-1])
         for k, layer in enumerate(LAYERS):
             finder, thr = self.finders[layer], self.thresholds[layer]
-            if self.flat:
-                found.append(finder.flat_on(maps[layer], thr, units=units, offset=self.offsets[k]))
-            else:
+            if self.api == "on":
                 image, unit, pixel = finder.on(maps[layer], thr)
                 found.append((image, unit + self.offsets[k], pixel))
-        if self.flat:
-            return np.concatenate(found)
-        return tuple(np.concatenate(parts) for parts in zip(*found, strict=True))
+                continue
+            given = cells[layer] if self.api == "cells" else None
+            found.append(
+                finder.flat_on(maps[layer], thr, units=units, offset=self.offsets[k], cells=given)
+            )
+        if self.api == "on":
+            return tuple(np.concatenate(parts) for parts in zip(*found, strict=True))
+        return np.concatenate(found)
 
     def flat_index(self, entries) -> np.ndarray:
         """The entries as sorted flat indices into ``[N, U, 64, 64]`` (to compare)."""
-        if self.flat:
+        if self.api != "on":
             return np.sort(entries)
         image, unit, pixel = entries
         return np.sort((image * int(self.offsets[-1]) + unit) * 4096 + pixel)
 
-    def __call__(self, maps, labels, image_labels):
+    def __call__(self, maps, labels, image_labels, cells):
         start = time.process_time()
-        entries = self.find(maps)
+        entries = self.find(maps, cells)
         middle = time.process_time()
-        if self.flat:
-            self.stat.update_flat(entries, labels, image_labels)
-        else:
+        if self.api == "on":
             self.stat.update_on(*entries, labels, image_labels)
+        else:
+            self.stat.update_flat(entries, labels, image_labels)
         self.find_seconds += middle - start
         self.tally_seconds += time.process_time() - middle
         return self.flat_index(entries)
+
+
+def recorded_cells(maps, floors, geometry_is_identity) -> dict[str, np.ndarray]:
+    """What dissect's pass 1 records of a batch (``_hot_cells``): the cells above each
+    unit's floor, with their 3 x 3 neighbourhoods on layers that are upsampled."""
+    out = {}
+    for layer in LAYERS:
+        m = maps[layer]
+        above = m > floors[layer][None, :, None, None]
+        if not geometry_is_identity[layer]:
+            h, w = m.shape[-2:]
+            padded = np.pad(above, ((0, 0), (0, 0), (1, 1), (1, 1)))
+            shifts = [padded[:, :, y : y + h, x : x + w] for y in range(3) for x in range(3)]
+            above = np.any(shifts, axis=0)
+        out[layer] = np.flatnonzero(above)
+    return out
 
 
 def main() -> None:
@@ -156,9 +181,10 @@ def main() -> None:
     parser.add_argument("--reference", default=REFERENCE, help="git revision of the old code")
     parser.add_argument(
         "--api",
-        choices=["flat", "on"],
+        choices=["flat", "cells", "on"],
         default="flat",
-        help="the new code through flat_on / update_flat, or through on / update_on",
+        help="the new code through flat_on / update_flat (given pass 1's recorded cells: "
+        "cells), or through on / update_on",
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -173,18 +199,26 @@ def main() -> None:
     )
     thresholds = exact_thresholds(batches)
     shapes = {layer: batches[0][0][layer].shape[-2:] for layer in LAYERS}
+    cells = [None] * len(batches)
+    if args.api == "cells":
+        floors = exact_thresholds(batches, FLOOR)
+        identity = {
+            layer: is_identity(shapes[layer], (64, 64), (64, 64), geometry[layer])
+            for layer in LAYERS
+        }
+        cells = [recorded_cells(b[0], floors, identity) for b in batches]
     images = sum(len(b[1]) for b in batches)
     versions = {"old": (old_upsample, old_iou), "new": (new_upsample, new_iou)}
     best: dict[str, tuple[float, float]] = {}
     stats = {}
     for _ in range(args.repeat):
         runs = {
-            name: Pass2(up, iou, geometry, thresholds, concepts, shapes, args.api == "flat")
+            name: Pass2(up, iou, geometry, thresholds, concepts, shapes, args.api)
             for name, (up, iou) in versions.items()
         }
         for b, (maps, labels, image_labels) in enumerate(batches):
             order = list(runs.items())[:: 1 if b % 2 else -1]  # each goes first half the time
-            entries = {name: p(maps, labels, image_labels) for name, p in order}
+            entries = {name: p(maps, labels, image_labels, cells[b]) for name, p in order}
             if not np.array_equal(entries["old"], entries["new"]):
                 raise AssertionError("old and new code found different on entries")
         for name, p in runs.items():
@@ -198,7 +232,8 @@ def main() -> None:
         raise AssertionError("old and new code tallied differently")
 
     new = runs["new"]
-    on_share = np.mean([len(new.flat_index(new.find(b[0]))) for b in batches]) / (
+    found = [new.flat_index(new.find(b[0], c)) for b, c in zip(batches, cells, strict=True)]
+    on_share = np.mean([len(f) for f in found]) / (
         args.batch_size * int(runs["new"].offsets[-1]) * 64 * 64
     )
     print(
