@@ -14,9 +14,9 @@ Then times, side by side in one process, per batch as ``_IoUTally._sparse`` does
 
 - ``find``: the on entries of every layer's thresholded, upsampled maps
   (``ThresholdedUpsample.flat_on`` into one mask of all layers' units; with
-  ``--api cells`` given the cells pass 1 records, those above a floor at the 0.98
-  quantile with their 3 x 3 neighbourhoods on upsampled layers, found untimed; with
-  ``--api on`` and in the reference, ``ThresholdedUpsample.on``);
+  ``--api cells`` given the cells pass 1 records, those above a floor at each unit's
+  0.98 quantile, found untimed; with ``--api on`` and in the reference,
+  ``ThresholdedUpsample.on``);
 - ``tally``: adding them to an ``IoU`` stat (``IoU.update_flat``; ``IoU.update_on``);
 
 for the reference code (``nethook/upsample.py`` and ``nethook/stats/iou.py`` as of git
@@ -40,8 +40,6 @@ from types import ModuleType
 
 import numpy as np
 import torch
-
-from nethook.upsample import is_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["block1", "block2", "block3", "block4"]
@@ -156,20 +154,12 @@ class Pass2:
         return self.flat_index(entries)
 
 
-def recorded_cells(maps, floors, geometry_is_identity) -> dict[str, np.ndarray]:
-    """What dissect's pass 1 records of a batch (``_hot_cells``): the cells above each
-    unit's floor, with their 3 x 3 neighbourhoods on layers that are upsampled."""
-    out = {}
-    for layer in LAYERS:
-        m = maps[layer]
-        above = m > floors[layer][None, :, None, None]
-        if not geometry_is_identity[layer]:
-            h, w = m.shape[-2:]
-            padded = np.pad(above, ((0, 0), (0, 0), (1, 1), (1, 1)))
-            shifts = [padded[:, :, y : y + h, x : x + w] for y in range(3) for x in range(3)]
-            above = np.any(shifts, axis=0)
-        out[layer] = np.flatnonzero(above)
-    return out
+def recorded_cells(maps, floors) -> dict[str, np.ndarray]:
+    """The cells of a batch above each unit's floor: what dissect's pass 1 records
+    (``_hot_cells``, before it adds the 3 x 3 neighbourhoods of upsampled layers)."""
+    return {
+        layer: np.flatnonzero(maps[layer] > floors[layer][None, :, None, None]) for layer in LAYERS
+    }
 
 
 def main() -> None:
@@ -202,11 +192,7 @@ def main() -> None:
     cells = [None] * len(batches)
     if args.api == "cells":
         floors = exact_thresholds(batches, FLOOR)
-        identity = {
-            layer: is_identity(shapes[layer], (64, 64), (64, 64), geometry[layer])
-            for layer in LAYERS
-        }
-        cells = [recorded_cells(b[0], floors, identity) for b in batches]
+        cells = [recorded_cells(b[0], floors) for b in batches]
     images = sum(len(b[1]) for b in batches)
     versions = {"old": (old_upsample, old_iou), "new": (new_upsample, new_iou)}
     best: dict[str, tuple[float, float]] = {}
