@@ -3,9 +3,11 @@
 In one Python process, consumers (statistics updates, recorders) and the code that
 makes the next batch (rendering images, which is pure Python) take turns on one
 interpreter lock, so a second core sits idle. :class:`Offload` forks a worker
-process that holds the consumers; each batch travels to it through shared memory
-(``torch.multiprocessing``), and at most ``depth`` batches are in flight, which
-bounds the memory used. The worker's consumer states come back for checkpoints
+process that holds the consumers. A batch's activations are copied into one of a
+few slots of shared memory (allocated once, like a ring buffer) and the worker
+copies them out, so no pickling or new shared memory per batch; the rest of the
+batch (labels, positions) is small and is pickled. At most ``depth`` batches are in
+flight, which bounds the memory used. The worker's consumer states come back for checkpoints
 (:meth:`Offload.sync`) and at the end (:meth:`Offload.finish`), into the caller's
 own consumer objects, so after the loop they hold what they would have held had
 they run in the caller.
@@ -17,6 +19,7 @@ changes only in the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import queue
 import traceback
@@ -49,9 +52,12 @@ class Offload:
         ctx = mp.get_context("fork")
         self.inbox = ctx.Queue(maxsize=depth)
         self.outbox = ctx.Queue()
+        self.free = ctx.Queue()  # slots the worker has copied out
+        self.depth = depth
+        self.slots: list[dict[str, torch.Tensor]] | None = None
         self.process = ctx.Process(
             target=_serve,
-            args=(self.consumers, dict(starts), self.inbox, self.outbox),
+            args=(self.consumers, dict(starts), self.inbox, self.outbox, self.free),
             name="nethook-offload",
             daemon=True,
         )
@@ -65,7 +71,25 @@ class Offload:
                     f"Offload sends CPU tensors to its worker process, got one on {t.device}"
                 )
         self._check()
-        self._put(("batch", batch))
+        if self.slots is None:
+            self.slots = [
+                {name: torch.empty_like(t).share_memory_() for name, t in batch.acts.items()}
+                for _ in range(self.depth + 1)
+            ]
+            self._put(("slots", self.slots))
+            for slot in range(len(self.slots)):
+                self.free.put(slot)
+        slot = self._get(self.free, raw=True)
+        sizes, rest = {}, {}
+        for name, t in batch.acts.items():
+            room = self.slots[slot].get(name)
+            if room is not None and room.shape[1:] == t.shape[1:] and room.dtype == t.dtype:
+                room[: len(t)].copy_(t)
+                sizes[name] = len(t)
+            else:  # a shape the slots were not made for: sent as it is
+                rest[name] = t
+        light = dataclasses.replace(batch, acts=rest, data=_numpy_tree(batch.data))
+        self._put(("batch", (slot, sizes, light)))
 
     def sync(self) -> None:
         """Load the worker's consumer states into the caller's consumers."""
@@ -101,44 +125,62 @@ class Offload:
                     return
                 self._check()
 
-    def _get(self) -> Any:
+    def _get(self, box=None, raw: bool = False) -> Any:
+        """The next message of ``box`` (default: the worker's replies), waiting."""
         while True:
             try:
-                kind, payload = self.outbox.get(timeout=_POLL)
+                message = (box or self.outbox).get(timeout=_POLL)
             except queue.Empty:
-                self._check(alive_only=True)
+                if box is None:
+                    self._alive()
+                else:
+                    self._check()
                 continue
+            if raw:
+                return message
+            kind, payload = message
             if kind == "error":
                 _raise(payload)
             return payload
 
-    def _check(self, alive_only: bool = False) -> None:
+    def _check(self) -> None:
         """Raise a consumer's error from the worker, or the worker's death."""
-        if not alive_only:
-            try:
-                kind, payload = self.outbox.get_nowait()
-            except queue.Empty:
-                pass
-            else:
-                if kind == "error":
-                    _raise(payload)
-                raise OffloadError(f"unexpected message {kind!r} from the worker process")
+        try:
+            kind, payload = self.outbox.get_nowait()
+        except queue.Empty:
+            pass
+        else:
+            if kind == "error":
+                _raise(payload)
+            raise OffloadError(f"unexpected message {kind!r} from the worker process")
+        self._alive()
+
+    def _alive(self) -> None:
         if not self.process.is_alive():
             raise OffloadError(
                 f"the worker process of the consumers died (exit code {self.process.exitcode})"
             )
 
 
-def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox) -> None:
+def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox, free) -> None:
     """The worker: feed batches to the consumers in order; answer state requests."""
     torch.set_num_threads(1)  # the caller's process runs the model on the other cores
+    slots: list[dict[str, torch.Tensor]] = []
     try:
         while True:
             kind, payload = inbox.get()
-            if kind == "batch":
+            if kind == "slots":
+                slots = payload
+            elif kind == "batch":
+                slot, sizes, light = payload
+                acts = {name: slots[slot][name][:n].clone() for name, n in sizes.items()}
+                free.put(slot)
+                batch = dataclasses.replace(
+                    light, acts={**acts, **light.acts}, data=_torch_tree(light.data)
+                )
                 for name, c in consumers.items():
-                    if payload.number >= starts[name]:
-                        c(payload)
+                    if batch.number >= starts[name]:
+                        c(batch)
             elif kind == "state":
                 outbox.put(("state", _states(consumers)))
             elif kind == "close":
@@ -170,6 +212,35 @@ def _raise(payload: tuple[BaseException, str]) -> None:
 
 def _states(consumers: dict[str, Any]) -> dict[str, Any]:
     return {name: c.state_dict() for name, c in consumers.items() if hasattr(c, "state_dict")}
+
+
+def _numpy_tree(data: Any) -> Any:
+    """``data`` with its CPU tensors as numpy arrays (small ones: pickled as they are)."""
+    if isinstance(data, torch.Tensor):
+        return _Array(data.numpy()) if data.dtype != torch.bfloat16 else data
+    if isinstance(data, Mapping):
+        return {k: _numpy_tree(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return type(data)(_numpy_tree(v) for v in data)
+    return data
+
+
+def _torch_tree(data: Any) -> Any:
+    """Undo :func:`_numpy_tree`."""
+    if isinstance(data, _Array):
+        return torch.from_numpy(data.array)
+    if isinstance(data, Mapping):
+        return {k: _torch_tree(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return type(data)(_torch_tree(v) for v in data)
+    return data
+
+
+@dataclasses.dataclass
+class _Array:
+    """A tensor travelling as a numpy array (tells it apart from arrays that were numpy)."""
+
+    array: Any
 
 
 def _tensors(batch: Any):
