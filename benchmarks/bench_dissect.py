@@ -21,8 +21,11 @@ measurement is taken R times, alternating forward and dissect, and the fastest o
 each is kept (the run least disturbed by other processes).
 
 The CPU time counts every thread and the worker process that runs pass 1's
-statistics (``offload``); the peak memory is that of the main process plus the
-worker's peak (an upper bound of the two together).
+statistics (``offload``). Peak memory is printed for the main process and for its
+child processes (the worker; a fork made by an import may set it too, which is why
+``children`` shows about 440 MiB even for the forward pass). "other processes" is
+the CPU time the rest of the machine used during the run (``/proc/stat``): a run with
+much of it was disturbed.
 
 ``--rank-error`` measures the thresholds' accuracy: per layer, the largest distance
 over units between the share of all activations at or above the unit's threshold
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -60,6 +64,7 @@ def child(mode: str, images: int, batch_size: int) -> dict:
     source.concepts()  # the frequency table is a one-off cost of the source, not of either
     start = time.perf_counter()
     cpu = time.process_time() + _children_cpu()
+    busy = _machine_busy()
     if mode == "forward":
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in source.normalization)
         loader = DataLoader(source, batch_size=batch_size, collate_fn=source.collate)
@@ -70,9 +75,29 @@ def child(mode: str, images: int, batch_size: int) -> dict:
         dissect(model, LAYERS, source, batch_size=batch_size, progress=False)
     wall = time.perf_counter() - start
     cpu = time.process_time() + _children_cpu() - cpu
+    other = max(0.0, _machine_busy() - busy - cpu)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"mode": mode, "images": images, "seconds": wall, "cpu": cpu, "peak_mib": peak}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "mode": mode,
+        "images": images,
+        "seconds": wall,
+        "cpu": cpu,
+        "other": other,
+        "peak_mib": peak,
+        "children_mib": children,
+    }
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (``/proc/stat``; 0 where absent)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu() -> float:
@@ -161,18 +186,23 @@ def main() -> None:
                     "seconds": min(r["seconds"], best["seconds"]) if best else r["seconds"],
                     "cpu": min(r["cpu"], best["cpu"]) if best else r["cpu"],
                     "peak_mib": max(r["peak_mib"], best["peak_mib"]) if best else r["peak_mib"],
+                    "children_mib": max(r["children_mib"], best["children_mib"])
+                    if best
+                    else r["children_mib"],
                 }
                 print(
                     f"{mode:8s} {n:6d} images: {r['seconds']:8.1f} s  cpu {r['cpu']:8.1f} s  "
-                    f"peak {r['peak_mib']:7.0f} MiB",
+                    f"peak {r['peak_mib']:6.0f} MiB (children {r['children_mib']:5.0f})  "
+                    f"other processes {r['other']:5.1f} cpu s",
                     flush=True,
                 )
     for n in (args.small, args.images):
         ratio = rows["dissect", n]["seconds"] / rows["forward", n]["seconds"]
         cpu = rows["dissect", n]["cpu"] / rows["forward", n]["cpu"]
         print(f"dissect / forward at {n} images: {ratio:.2f}x wall, {cpu:.2f}x cpu (goal <= 1.5x)")
-    growth = rows["dissect", args.images]["peak_mib"] / rows["dissect", args.small]["peak_mib"]
-    print(f"dissect peak memory, {args.images} vs {args.small} images: {growth:.2f}x (goal ~1.0)")
+    for key, what in (("peak_mib", "main process"), ("children_mib", "worker process")):
+        growth = rows["dissect", args.images][key] / rows["dissect", args.small][key]
+        print(f"dissect peak memory ({what}), {args.images} vs {args.small} images: {growth:.2f}x")
 
 
 if __name__ == "__main__":
