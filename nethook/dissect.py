@@ -354,8 +354,9 @@ class _HotRecorder:
             floor = _numpy_array(first.sketch.floor).astype(np.float32)
             size = tuple(acts.shape[-2:])
             grow = not is_identity(size, label_size, self.record.input_size, self.geometries[layer])
-            index = _hot_cells(acts, above, floor, grow)
+            hot, index = _hot_cells(acts, above, floor, grow)
             arrays[f"floor{i}"] = floor
+            arrays[f"hot{i}"] = hot
             arrays[f"index{i}"] = index
             arrays[f"value{i}"] = _numpy_array(acts).reshape(-1)[index]
         self.log.write(number, arrays)
@@ -365,13 +366,16 @@ def _numpy_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return t if isinstance(t, np.ndarray) else t.detach().cpu().numpy()
 
 
-def _hot_cells(acts: torch.Tensor, above, floor: np.ndarray, grow: bool) -> np.ndarray:
-    """Flat indices of the cells of ``acts`` ``[N, U, h, w]`` that are above ``floor``.
+def _hot_cells(
+    acts: torch.Tensor, above, floor: np.ndarray, grow: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the cells of ``acts`` ``[N, U, h, w]`` above ``floor``, and of
+    the cells to keep: those, with (``grow``) their 3 x 3 neighbourhoods.
 
     ``above`` are the indices the sketch took (above its floor then, which is at
     most ``floor``), so only they are compared (None: compare every cell, for a
-    batch the sketch skipped on resuming). With ``grow``, each cell's 3 x 3
-    neighbourhood is added (marked in a scratch mask, then read back in order).
+    batch the sketch skipped on resuming). Neighbourhoods are marked in a scratch
+    mask, then read back in order.
     """
     maps = _numpy_array(acts)
     n, units, h, w = maps.shape
@@ -382,14 +386,14 @@ def _hot_cells(acts: torch.Tensor, above, floor: np.ndarray, grow: bool) -> np.n
         index = _numpy_array(above)
         index = index[flat[index] > floor[(index // (h * w)) % units]]
     if not grow or index.size == 0:
-        return index
+        return index, index
     y, x = (index // w) % h, index % w
     mark = np.zeros(flat.size, bool)
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             ok = (y + dy >= 0) & (y + dy < h) & (x + dx >= 0) & (x + dx < w)
             mark[index[ok] + dy * w + dx] = True
-    return np.flatnonzero(mark)
+    return index, np.flatnonzero(mark)
 
 
 def _replay(
@@ -403,7 +407,9 @@ def _replay(
     """``make_batches`` for :func:`nethook.runner.run_batches`: pass 1's records as batches.
 
     Each layer's maps are rebuilt from the recorded cells, every other cell set to the
-    unit's floor; ``data`` holds the stacked labels and thumbnails.
+    unit's floor; ``data`` holds the stacked labels and thumbnails, and ``cells`` (per
+    layer, the flat indices of the cells above the floor: the only ones that can
+    reach a threshold, so the only ones pass 2 compares).
     """
     from nethook.runner import Batch
 
@@ -423,6 +429,7 @@ def _replay(
                 for name in ("labels", "image_labels", "thumb")
                 if name in record
             }
+            data["cells"] = {layer: record[f"hot{i}"] for i, layer in enumerate(layers)}
             positions = torch.arange(offset, offset + n)
             yield Batch(acts, data, positions, offset, number)
             offset += n
@@ -436,7 +443,7 @@ class _IoUTally:
     The layers' units sit side by side along the stat's unit axis, so the labels of
     a batch are prepared once for all layers. On CPU only the on entries of the
     masks are found (:class:`~nethook.upsample.ThresholdedUpsample`, around the
-    cells that reach the threshold) and tallied (:meth:`IoU.update_on`); elsewhere
+    cells that reach the threshold) and tallied (:meth:`IoU.update_flat`); elsewhere
     (``dense``) the maps are upsampled and thresholded into one ``[N, U, H, W]`` mask
     tensor. Reads a source's batch or the labels a store replays (see
     :func:`batch_labels`). Checkpointable through the stat.
@@ -470,11 +477,18 @@ class _IoUTally:
         if dense:
             self._dense(acts, labels, image_labels)
         else:
-            self._sparse(acts, labels, image_labels)
+            cells = batch.data.get("cells") if isinstance(batch.data, Mapping) else None
+            self._sparse(acts, labels, image_labels, cells or {})
 
-    def _sparse(self, acts, labels: torch.Tensor, image_labels: torch.Tensor | None) -> None:
+    def _sparse(
+        self,
+        acts,
+        labels: torch.Tensor,
+        image_labels: torch.Tensor | None,
+        cells: Mapping[str, np.ndarray],
+    ) -> None:
         label_size = tuple(labels.shape[-2:])
-        found: list[tuple[np.ndarray, ...]] = []
+        found: list[np.ndarray] = []
         offset = 0
         for layer in self.layers:
             maps = acts[layer].detach().numpy()
@@ -483,13 +497,17 @@ class _IoUTally:
                 self._upsamplers[key] = ThresholdedUpsample(
                     maps.shape[-2:], label_size, self.input_size, self.geometry[layer]
                 )
-            image, unit, pixel = self._upsamplers[key].on(
-                maps, self.thresholds[layer].cpu().numpy()
+            found.append(
+                self._upsamplers[key].flat_on(
+                    maps,
+                    self.thresholds[layer].cpu().numpy(),
+                    units=self.stat.num_units,
+                    offset=offset,
+                    cells=cells.get(layer),
+                )
             )
-            found.append((image, unit + offset, pixel))
             offset += maps.shape[1]
-        image, unit, pixel = (np.concatenate(parts) for parts in zip(*found, strict=True))
-        self.stat.update_on(image, unit, pixel, labels, image_labels)
+        self.stat.update_flat(np.concatenate(found), labels, image_labels)
 
     def _dense(self, acts, labels: torch.Tensor, image_labels: torch.Tensor | None) -> None:
         label_size = tuple(labels.shape[-2:])

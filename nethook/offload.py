@@ -110,6 +110,9 @@ class Offload:
             if self.process.is_alive():
                 self.process.terminate()
                 self.process.join()
+            for box in (self.inbox, self.outbox, self.free):
+                box.cancel_join_thread()  # what the worker left unread must not block exit
+                box.close()
 
     def _load(self, states: dict[str, Any]) -> None:
         for name, state in states.items():

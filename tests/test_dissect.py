@@ -184,7 +184,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
     from nethook.stats import iou as iou_module
 
     _, reference, _ = dissected
-    real_update = iou_module.IoU.update_on  # the CPU path tallies the masks' on entries
+    real_update = iou_module.IoU.update_flat  # the CPU path tallies the masks' on entries
     calls = {"n": 0}
 
     def flaky(self, *args, **kwargs):
@@ -193,7 +193,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
             raise KeyboardInterrupt("killed")
         return real_update(self, *args, **kwargs)
 
-    monkeypatch.setattr(iou_module.IoU, "update_on", flaky)
+    monkeypatch.setattr(iou_module.IoU, "update_flat", flaky)
     kwargs = dict(
         out=tmp_path,
         batch_size=7,
@@ -205,7 +205,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
     with pytest.raises(KeyboardInterrupt):
         dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     assert (tmp_path / "checkpoints" / "pass2.npz").exists()
-    monkeypatch.setattr(iou_module.IoU, "update_on", real_update)
+    monkeypatch.setattr(iou_module.IoU, "update_flat", real_update)
     resumed = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     for layer in ("1", "2"):
         np.testing.assert_array_equal(resumed[layer]["iou"].values, reference[layer]["iou"].values)
