@@ -36,20 +36,19 @@ def test_offloaded_consumers_end_in_the_same_state() -> None:
     assert there["log"].stat.seen.tolist() == [2 * (3 * i + 3) for i in range(23)]
 
 
+def run_offloaded(fn) -> None:
+    """Run ``fn(batch)`` as the only consumer, in the worker process."""
+    consumer = FunctionConsumer(fn, "conv")
+    run(tiny_model(), Ramp(23), {"fn": consumer}, batch_size=4, progress=False, offload=True)
+
+
 def test_a_consumer_error_is_raised_in_the_caller() -> None:
     def fail(batch) -> None:
         if batch.number == 2:
             raise ValueError("bad batch 2")
 
     with pytest.raises(ValueError, match="bad batch 2") as info:
-        run(
-            tiny_model(),
-            Ramp(23),
-            {"fail": FunctionConsumer(fail, "conv")},
-            batch_size=4,
-            progress=False,
-            offload=True,
-        )
+        run_offloaded(fail)
     assert any("worker process" in note for note in info.value.__notes__)
 
 
@@ -59,14 +58,7 @@ def test_a_dead_worker_is_reported() -> None:
             os._exit(3)
 
     with pytest.raises(OffloadError, match="died"):
-        run(
-            tiny_model(),
-            Ramp(23),
-            {"die": FunctionConsumer(die, "conv")},
-            batch_size=4,
-            progress=False,
-            offload=True,
-        )
+        run_offloaded(die)
 
 
 def test_killed_offloaded_tally_resumes_to_the_same_state(tmp_path) -> None:
