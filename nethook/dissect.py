@@ -326,7 +326,7 @@ class _HotRecorder:
         self.layers = tuple(self.pass1)
         self.geometries = dict(geometries)
         self.record = record
-        self.held: list[tuple[int, dict[str, np.ndarray], list[torch.Tensor]]] = []
+        self.held: list[tuple[int, dict[str, np.ndarray], list[tuple]]] = []
 
     def resume_batch(self, batch_size: int) -> int:
         return self.log.done()
@@ -351,14 +351,15 @@ class _HotRecorder:
         label_size = tuple(arrays["labels"].shape[-2:])
         for i, (layer, first) in enumerate(self.pass1.items()):
             acts, above = maps[i]
-            floor = _numpy_array(first.sketch.floor).astype(np.float32)
+            acts = _numpy_array(acts)
+            floor = _numpy_array(first.sketch.floor).astype(acts.dtype)  # the sketch's dtype
             size = tuple(acts.shape[-2:])
             grow = not is_identity(size, label_size, self.record.input_size, self.geometries[layer])
             hot, index = _hot_cells(acts, above, floor, grow)
             arrays[f"floor{i}"] = floor
             arrays[f"hot{i}"] = hot
             arrays[f"index{i}"] = index
-            arrays[f"value{i}"] = _numpy_array(acts).reshape(-1)[index]
+            arrays[f"value{i}"] = acts.reshape(-1)[index]
         self.log.write(number, arrays)
 
 
@@ -367,9 +368,9 @@ def _numpy_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _hot_cells(
-    acts: torch.Tensor, above, floor: np.ndarray, grow: bool
+    maps: np.ndarray, above, floor: np.ndarray, grow: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices of the cells of ``acts`` ``[N, U, h, w]`` above ``floor``, and of
+    """Flat indices of the cells of ``maps`` ``[N, U, h, w]`` above ``floor``, and of
     the cells to keep: those, with (``grow``) their 3 x 3 neighbourhoods.
 
     ``above`` are the indices the sketch took (above its floor then, which is at
@@ -377,7 +378,6 @@ def _hot_cells(
     batch the sketch skipped on resuming). Neighbourhoods are marked in a scratch
     mask, then read back in order.
     """
-    maps = _numpy_array(acts)
     n, units, h, w = maps.shape
     flat = maps.reshape(-1)
     if above is None:
@@ -420,9 +420,10 @@ def _replay(
             n = len(record["labels"])
             acts = {}
             for i, layer in enumerate(layers):
-                maps = np.empty((n, *shapes[layer][1:]), np.float32)
+                values = record[f"value{i}"]
+                maps = np.empty((n, *shapes[layer][1:]), values.dtype)
                 maps[...] = record[f"floor{i}"][None, :, None, None]
-                maps.reshape(-1)[record[f"index{i}"]] = record[f"value{i}"]
+                maps.reshape(-1)[record[f"index{i}"]] = values
                 acts[layer] = torch.from_numpy(maps).to(device)
             data = {
                 name: torch.from_numpy(record[name]).to(device)
@@ -725,8 +726,8 @@ def dissect(
 
     The thresholds come from a :class:`~nethook.stats.TopQuantile` sketch of every
     position of every image; it keeps only the values that can still be in the top
-    ``2 * quantile`` (a few percent), so its rank error is a small fraction of that
-    top share.
+    ``1.25 * quantile`` (a few percent of them), so its rank error is a small
+    fraction of that top share.
 
     With ``out``, results go to ``out/results.zarr``, ``results.json`` and
     ``results.csv``, and both passes checkpoint to ``out/checkpoints/``: a killed
