@@ -39,6 +39,7 @@ from nethook.stats.base import Stat, xr_units
 from nethook.stats.quantile import (  # the Quantile sketch's compactor and kernels
     Array,
     _as_qs,
+    _is_np,
     _Levels,
     _numpy,
     _numpy_on,
@@ -457,10 +458,6 @@ class TopQuantile(Stat):
 # ---------------------------------------------------------------------------
 # Kernels on [N, C, P] arrays: numpy on CPU, torch elsewhere.
 # ---------------------------------------------------------------------------
-
-
-def _is_np(a: Array) -> bool:
-    return isinstance(a, np.ndarray)
 
 
 def _isnan(a: Array) -> np.ndarray:
