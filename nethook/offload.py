@@ -3,10 +3,11 @@
 In one Python process, consumers (statistics updates, recorders) and the code that
 makes the next batch (rendering images, which is pure Python) take turns on one
 interpreter lock, so a second core sits idle. :class:`Offload` forks a worker
-process that holds the consumers. A batch's activations are copied into one of a
-few slots of shared memory (allocated once, like a ring buffer) and the worker
-copies them out, so no pickling or new shared memory per batch; the rest of the
-batch (labels, positions) is small and is pickled. At most ``depth`` batches are in
+process that holds the consumers. A batch's tensors (activations, images, labels)
+are copied into one of a few slots of shared memory (allocated once, like a ring
+buffer) and the worker copies them out, so nothing large is pickled and no shared
+memory is made per batch; only the batch's structure and small values travel by
+pickle. At most ``depth`` batches are in
 flight, which bounds the memory used. The worker's consumer states come back for checkpoints
 (:meth:`Offload.sync`) and at the end (:meth:`Offload.finish`), into the caller's
 own consumer objects, so after the loop they hold what they would have held had
@@ -65,7 +66,8 @@ class Offload:
 
     def __call__(self, batch: Any) -> None:
         """Send ``batch`` to the worker (waits while ``depth`` batches are in flight)."""
-        for t in _tensors(batch):
+        skeleton, tensors = _split(batch)
+        for t in tensors.values():
             if t.device.type != "cpu":
                 raise ValueError(
                     f"Offload sends CPU tensors to its worker process, got one on {t.device}"
@@ -73,7 +75,7 @@ class Offload:
         self._check()
         if self.slots is None:
             self.slots = [
-                {name: torch.empty_like(t).share_memory_() for name, t in batch.acts.items()}
+                {key: torch.empty_like(t).share_memory_() for key, t in tensors.items()}
                 for _ in range(self.depth + 1)
             ]
             self._put(("slots", self.slots))
@@ -81,15 +83,15 @@ class Offload:
                 self.free.put(slot)
         slot = self._get(self.free, raw=True)
         sizes, rest = {}, {}
-        for name, t in batch.acts.items():
-            room = self.slots[slot].get(name)
-            if room is not None and room.shape[1:] == t.shape[1:] and room.dtype == t.dtype:
+        for key, t in tensors.items():
+            room = self.slots[slot].get(key)
+            fits = room is not None and room.dtype == t.dtype and room.shape[1:] == t.shape[1:]
+            if fits and t.ndim and len(t) <= len(room):
                 room[: len(t)].copy_(t)
-                sizes[name] = len(t)
+                sizes[key] = len(t)
             else:  # a shape the slots were not made for: sent as it is
-                rest[name] = t
-        light = dataclasses.replace(batch, acts=rest, data=_numpy_tree(batch.data))
-        self._put(("batch", (slot, sizes, light)))
+                rest[key] = t
+        self._put(("batch", (slot, sizes, rest, skeleton)))
 
     def sync(self) -> None:
         """Load the worker's consumer states into the caller's consumers."""
@@ -175,12 +177,10 @@ def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox, fre
             if kind == "slots":
                 slots = payload
             elif kind == "batch":
-                slot, sizes, light = payload
-                acts = {name: slots[slot][name][:n].clone() for name, n in sizes.items()}
+                slot, sizes, rest, skeleton = payload
+                tensors = {key: slots[slot][key][:n].clone() for key, n in sizes.items()}
                 free.put(slot)
-                batch = dataclasses.replace(
-                    light, acts={**acts, **light.acts}, data=_torch_tree(light.data)
-                )
+                batch = _join(skeleton, {**tensors, **rest})
                 for name, c in consumers.items():
                     if batch.number >= starts[name]:
                         c(batch)
@@ -217,44 +217,53 @@ def _states(consumers: dict[str, Any]) -> dict[str, Any]:
     return {name: c.state_dict() for name, c in consumers.items() if hasattr(c, "state_dict")}
 
 
-def _numpy_tree(data: Any) -> Any:
-    """``data`` with its CPU tensors as numpy arrays (small ones: pickled as they are)."""
-    if isinstance(data, torch.Tensor):
-        return _Array(data.numpy()) if data.dtype != torch.bfloat16 else data
-    if isinstance(data, Mapping):
-        return {k: _numpy_tree(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return type(data)(_numpy_tree(v) for v in data)
-    return data
+def _split(tree: Any, key: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """``tree`` (a batch: dataclass, dicts, lists) with its tensors taken out.
+
+    Returns the skeleton, where each tensor is replaced by a :class:`_Hole` naming it,
+    and the tensors by name (their path in the tree, stable from batch to batch).
+    """
+    if isinstance(tree, torch.Tensor):
+        return _Hole(key), {key: tree}
+    parts: dict[str, torch.Tensor] = {}
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        fields = {}
+        for f in dataclasses.fields(tree):
+            fields[f.name], found = _split(getattr(tree, f.name), f"{key}/{f.name}")
+            parts.update(found)
+        return dataclasses.replace(tree, **fields), parts
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out[k], found = _split(v, f"{key}/{k}")
+            parts.update(found)
+        return out, parts
+    if isinstance(tree, list | tuple):
+        items = []
+        for i, v in enumerate(tree):
+            item, found = _split(v, f"{key}/{i}")
+            items.append(item)
+            parts.update(found)
+        return type(tree)(items), parts
+    return tree, parts
 
 
-def _torch_tree(data: Any) -> Any:
-    """Undo :func:`_numpy_tree`."""
-    if isinstance(data, _Array):
-        return torch.from_numpy(data.array)
-    if isinstance(data, Mapping):
-        return {k: _torch_tree(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return type(data)(_torch_tree(v) for v in data)
-    return data
+def _join(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Undo :func:`_split`: put the tensors back into their holes."""
+    if isinstance(tree, _Hole):
+        return tensors[tree.key]
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        joined = {f.name: _join(getattr(tree, f.name), tensors) for f in dataclasses.fields(tree)}
+        return dataclasses.replace(tree, **joined)
+    if isinstance(tree, Mapping):
+        return {k: _join(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_join(v, tensors) for v in tree)
+    return tree
 
 
 @dataclasses.dataclass
-class _Array:
-    """A tensor travelling as a numpy array (tells it apart from arrays that were numpy)."""
+class _Hole:
+    """Where a tensor of a batch was (its name in the slots)."""
 
-    array: Any
-
-
-def _tensors(batch: Any):
-    """Every tensor of a batch (activations, inputs, and data nested in dicts/lists)."""
-    stack = [getattr(batch, "acts", {}), getattr(batch, "data", None)]
-    stack += [getattr(batch, "inputs", {}), getattr(batch, "positions", None)]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, torch.Tensor):
-            yield item
-        elif isinstance(item, Mapping):
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
+    key: str
