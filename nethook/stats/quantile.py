@@ -800,6 +800,16 @@ class _Levels:
 # ---------------------------------------------------------------------------
 
 
+def quantile_array(stat: Any, q: np.ndarray, units: Sequence | None) -> xr.DataArray:
+    """``stat.quantiles(q)`` ``[C, Q]`` as a DataArray with dims ``(unit, quantile)``."""
+    return xr.DataArray(
+        stat.quantiles(q).cpu().numpy(),
+        dims=("unit", "quantile"),
+        coords={**xr_units(units, stat.channels or 0), "quantile": q},
+        name="quantile",
+    )
+
+
 def _as_qs(qs: Sequence[float] | float | torch.Tensor | np.ndarray) -> np.ndarray:
     q = np.atleast_1d(np.asarray(qs.cpu() if isinstance(qs, torch.Tensor) else qs, np.float64))
     if q.ndim != 1 or np.isnan(q).any() or (q < 0).any() or (q > 1).any():
@@ -1170,14 +1180,7 @@ class Quantile(Stat):
 
     def quantile_array(self, qs: Sequence[float], units: Sequence | None = None) -> xr.DataArray:
         """:meth:`quantiles` as a DataArray with dims ``(unit, quantile)``."""
-        q = _as_qs(qs)
-        coords = {**xr_units(units, self.channels or 0), "quantile": q}
-        return xr.DataArray(
-            self.quantiles(q).cpu().numpy(),
-            dims=("unit", "quantile"),
-            coords=coords,
-            name="quantile",
-        )
+        return quantile_array(self, _as_qs(qs), units)
 
     def to_xarray(
         self, units: Sequence | None = None, qs: Sequence[float] = (0.01, 0.5, 0.99, 0.995)

@@ -44,6 +44,7 @@ from nethook.stats.quantile import (  # the Quantile sketch's compactor and kern
     _numpy,
     _numpy_on,
     _to_device,
+    quantile_array,
 )
 
 _RAISE_GROWTH = 1.25  # raise the floor once the count has grown by this factor
@@ -362,13 +363,7 @@ class TopQuantile(Stat):
 
     def quantile_array(self, qs: Sequence[float], units: Sequence | None = None) -> xr.DataArray:
         """:meth:`quantiles` as a DataArray with dims ``(unit, quantile)``."""
-        q = self._check_qs(qs)
-        return xr.DataArray(
-            self.quantiles(q).cpu().numpy(),
-            dims=("unit", "quantile"),
-            coords={**xr_units(units, self.channels or 0), "quantile": q},
-            name="quantile",
-        )
+        return quantile_array(self, self._check_qs(qs), units)
 
     def to_xarray(self, units: Sequence | None = None, qs: Sequence[float] | None = None):
         """``quantiles`` ``(unit, quantile)`` (default ``1 - share``), ``min``, ``max``, ``floor``."""
