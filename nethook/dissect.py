@@ -55,6 +55,7 @@ from nethook.atomic import write_text
 from nethook.batchlog import BatchLog
 from nethook.models import model_device
 from nethook.rotation import Rotate
+from nethook.stats.base import from_state_dict
 from nethook.stats.iou import IoU
 from nethook.stats.top_quantile import TopQuantile
 from nethook.upsample import (
@@ -403,19 +404,25 @@ def _replay(
     samples: int,
     batch_size: int,
     device: torch.device | str,
+    part: int = 0,
+    parts: int = 1,
 ):
     """``make_batches`` for :func:`nethook.runner.run_batches`: pass 1's records as batches.
 
     Each layer's maps are rebuilt from the recorded cells, every other cell set to the
     unit's floor; ``data`` holds the stacked labels and thumbnails, and ``cells`` (per
     layer, the flat indices of the cells above the floor: the only ones that can
-    reach a threshold, so the only ones pass 2 compares).
+    reach a threshold, so the only ones pass 2 compares). With ``parts``, only the
+    batches whose number is ``part`` modulo ``parts``.
     """
     from nethook.runner import Batch
 
     def make_batches(first: int):
         offset = first * batch_size
         for number in range(first, -(-samples // batch_size)):
+            if number % parts != part:
+                continue
+            offset = number * batch_size
             record = log.read(number)
             n = len(record["labels"])
             acts = {}
@@ -433,9 +440,53 @@ def _replay(
             data["cells"] = {layer: record[f"hot{i}"] for i, layer in enumerate(layers)}
             positions = torch.arange(offset, offset + n)
             yield Batch(acts, data, positions, offset, number)
-            offset += n
 
     return make_batches
+
+
+def _pass2_in_halves(
+    log: BatchLog,
+    layers: Sequence[str],
+    shapes: Mapping[str, tuple],
+    samples: int,
+    batch_size: int,
+    consumers: Mapping[str, Any],
+    progress: bool,
+) -> None:
+    """Pass 2 on CPU over both cores: a forked process tallies the odd batches of the
+    log (reading them itself) while this one tallies the even ones; the child's
+    states are then merged in (IoU tallies add, galleries fill their slots).
+
+    No checkpoints on the way (pass 2 is the short pass; a killed run redoes it from
+    the log); the caller saves the finished state.
+    """
+    from nethook.offload import Forked
+    from nethook.runner import run_batches
+
+    batches = -(-samples // batch_size)
+
+    def half(part: int) -> dict[str, Any]:
+        numbers = range(part, batches, 2)
+        total = sum(min(batch_size, samples - i * batch_size) for i in numbers)
+        if total:
+            run_batches(
+                _replay(log, layers, shapes, samples, batch_size, "cpu", part, 2),
+                consumers,
+                total=total,
+                batch_size=batch_size,
+                progress=progress and part == 0,
+                desc="dissect 2/2: IoU",
+            )
+        return {name: c.state_dict() for name, c in consumers.items()}
+
+    other = Forked(lambda: half(1))
+    try:
+        half(0)
+    except BaseException:
+        other.cancel()
+        raise
+    for name, state in other.result().items():
+        consumers[name].merge_state(state)
 
 
 class _IoUTally:
@@ -541,6 +592,10 @@ class _IoUTally:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.stat.load_state_dict(sd)
+
+    def merge_state(self, sd: dict[str, Any]) -> None:
+        """Add the tallies of another part of the images (a state of this tally)."""
+        self.stat.merge(from_state_dict(sd))
 
 
 def batch_labels(
@@ -737,7 +792,7 @@ def dissect(
     from nethook.layers import resolve_layers
     from nethook.models import load_model
     from nethook.plugins import get_source
-    from nethook.runner import run, run_batches
+    from nethook.runner import Checkpoint, run, run_batches
     from nethook.stats.topk import TopK
 
     model_spec = model if isinstance(model, str) else type(model).__name__
@@ -843,7 +898,15 @@ def dissect(
                 indices, prepared, thresholds, geometries, thumb, input_size
             )
         checkpoint2 = ckpt_dir / "pass2.npz" if ckpt_dir else None
-        if log is not None:
+        if log is not None and offload:
+            _pass2_in_halves(log, layers, shapes, n, batch_size, consumers2, progress)
+            if checkpoint2 is not None:  # finished: a rerun skips pass 2
+                saved = Checkpoint(checkpoint2, checkpoint_every, key2)
+                meta = saved.meta(batch_size, 0, n, consumers2)
+                saved.save(
+                    meta, -(-n // batch_size), {k: c.state_dict() for k, c in consumers2.items()}
+                )
+        elif log is not None:
             run_batches(
                 _replay(log, layers, shapes, n, batch_size, device or model_device(model)),
                 consumers2,
@@ -1063,6 +1126,32 @@ class _Gallery:
             units = slots // self.top[layer].shape[1]
             self.maps[layer][slots] = _rows(acts, keep[which], units)
             self.images[layer][slots] = small[which]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What has been gathered: which top images were met, their thumbnails and maps."""
+        return {
+            "seen": self.seen.copy(),
+            "images": {layer: a.copy() for layer, a in self.images.items()},
+            "maps": {layer: a.copy() for layer, a in self.maps.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.seen = np.array(sd["seen"], bool)
+        self.images = {layer: np.array(a) for layer, a in sd["images"].items()}
+        self.maps = {layer: np.array(a) for layer, a in sd.get("maps", {}).items()}
+
+    def merge_state(self, sd: dict[str, Any]) -> None:
+        """Take the top images another part of the images met (a state of this gallery)."""
+        met = self.wanted[np.asarray(sd["seen"], bool)]
+        for layer in self.layers:
+            slots = np.isin(self.top[layer].ravel(), met)
+            self.images[layer][slots] = np.asarray(sd["images"][layer])[slots]
+            if layer in sd.get("maps", {}):
+                theirs = np.asarray(sd["maps"][layer])
+                if layer not in self.maps:
+                    self.maps[layer] = np.zeros_like(theirs)
+                self.maps[layer][slots] = theirs[slots]
+        self.seen |= np.asarray(sd["seen"], bool)
 
     def finish(self, model: nn.Module, source, device, batch_size: int) -> None:
         """Render the top images that pass 2 did not meet (only after a resume)."""

@@ -24,7 +24,7 @@ import dataclasses
 import pickle
 import queue
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -165,6 +165,60 @@ class Offload:
             raise OffloadError(
                 f"the worker process of the consumers died (exit code {self.process.exitcode})"
             )
+
+
+class Forked:
+    """``fn()`` running in a forked process: :meth:`result` waits for it, :meth:`cancel`
+    stops it.
+
+    For work that splits into independent halves (each process reads its own part of
+    a record from disk): the caller does one half while the child does the other.
+    The result comes back pickled; an exception in the child is raised by
+    :meth:`result`, with the child's traceback as a note.
+    """
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        ctx = mp.get_context("fork")
+        self._receive, send = ctx.Pipe(duplex=False)
+
+        def child() -> None:
+            torch.set_num_threads(1)
+            try:
+                send.send(("ok", fn()))
+            except BaseException as exc:
+                text = "in the forked process:\n" + traceback.format_exc()
+                try:
+                    pickle.dumps(exc)
+                except Exception:
+                    exc = OffloadError(f"the forked call failed {text}")
+                send.send(("error", (exc, text)))
+
+        self.process = ctx.Process(target=child, name="nethook-forked", daemon=True)
+        self.process.start()
+        send.close()
+
+    def result(self) -> Any:
+        """Wait for ``fn()`` and return what it returned (or raise what it raised)."""
+        try:
+            while not self._receive.poll(_POLL):
+                if not self.process.is_alive() and not self._receive.poll(0):
+                    raise OffloadError(
+                        f"the forked process died (exit code {self.process.exitcode})"
+                    )
+            kind, payload = self._receive.recv()
+        finally:
+            self.cancel()
+        if kind == "error":
+            _raise(payload)
+        return payload
+
+    def cancel(self) -> None:
+        """Stop the child (if it still runs) and close the pipe."""
+        self._receive.close()
+        self.process.join(timeout=0 if self.process.exitcode is None else 10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
 
 
 def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox, free) -> None:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from nethook.offload import OffloadError
+from nethook.offload import Forked, OffloadError
 from nethook.runner import FunctionConsumer, StatConsumer, load_checkpoint, run
 from nethook.stats.moments import Variance
 from tests.test_runner import Crash, Ramp, SampleLog, crash_at, tiny_model
@@ -72,3 +72,15 @@ def test_killed_offloaded_tally_resumes_to_the_same_state(tmp_path) -> None:
     resumed = consumers()
     run(tiny_model(), Ramp(23), resumed, offload=True, **kwargs)
     assert_same_states(resumed, reference)
+
+
+def test_forked_call_returns_its_result_or_raises() -> None:
+    assert Forked(lambda: {"sum": np.arange(5).sum()}).result() == {"sum": 10}
+
+    def fail() -> None:
+        raise KeyError("missing thing")
+
+    with pytest.raises(KeyError, match="missing thing"):
+        Forked(fail).result()
+    with pytest.raises(OffloadError, match="died"):
+        Forked(lambda: os._exit(4)).result()
