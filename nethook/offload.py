@@ -206,6 +206,11 @@ class Forked:
                         f"the forked process died (exit code {self.process.exitcode})"
                     )
             kind, payload = self._receive.recv()
+        except EOFError:  # the child closed the pipe without a word: it died
+            self.process.join()
+            raise OffloadError(
+                f"the forked process died (exit code {self.process.exitcode})"
+            ) from None
         finally:
             self.cancel()
         if kind == "error":
