@@ -333,8 +333,11 @@ class _HotRecorder:
         return self.log.done()
 
     def __call__(self, batch) -> None:
-        arrays = {name: t.cpu().numpy() for name, t in self.record(batch).items()}
-        maps = [(first.maps(batch), first.cells_above(batch)) for first in self.pass1.values()]
+        # copies: under offload the batch's tensors are slots that the next batch reuses
+        arrays = {name: np.array(t.cpu().numpy()) for name, t in self.record(batch).items()}
+        maps = [
+            (first.maps(batch).clone(), first.cells_above(batch)) for first in self.pass1.values()
+        ]
         self.held.append((batch.number, arrays, maps))
         if len(self.held) > self.lag:
             self._write(*self.held.pop(0))

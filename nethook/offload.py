@@ -5,9 +5,10 @@ makes the next batch (rendering images, which is pure Python) take turns on one
 interpreter lock, so a second core sits idle. :class:`Offload` forks a worker
 process that holds the consumers. A batch's tensors (activations, images, labels)
 are copied into one of a few slots of shared memory (allocated once, like a ring
-buffer) and the worker copies them out, so nothing large is pickled and no shared
-memory is made per batch; only the batch's structure and small values travel by
-pickle. At most ``depth`` batches are in
+buffer), which the consumers read in place, so nothing large is pickled or copied
+again and no shared memory is made per batch; only the batch's structure and small
+values travel by pickle. The slot is refilled once the consumers return, so a
+consumer must copy what it keeps of a batch's tensors (as with any reused buffer). At most ``depth`` batches are in
 flight, which bounds the memory used. The worker's consumer states come back for checkpoints
 (:meth:`Offload.sync`) and at the end (:meth:`Offload.finish`), into the caller's
 own consumer objects, so after the loop they hold what they would have held had
@@ -237,12 +238,12 @@ def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox, fre
                 slots = payload
             elif kind == "batch":
                 slot, sizes, rest, skeleton = payload
-                tensors = {key: slots[slot][key][:n].clone() for key, n in sizes.items()}
-                free.put(slot)
+                tensors = {key: slots[slot][key][:n] for key, n in sizes.items()}
                 batch = _join(skeleton, {**tensors, **rest})
                 for name, c in consumers.items():
                     if batch.number >= starts[name]:
                         c(batch)
+                free.put(slot)  # the consumers are done with it: the caller may refill it
             elif kind == "state":
                 outbox.put(("state", _states(consumers)))
             elif kind == "close":
