@@ -832,7 +832,7 @@ def dissect(
         rotate=rotate,
         seed=seed,
         batch_size=batch_size,
-        sketch="top",
+        layout=_LAYOUT,
     )
     common = dict(
         batch_size=batch_size,
@@ -853,6 +853,8 @@ def dissect(
     input_size = tuple(first["image"].shape[-2:])
     thumb = _thumb_size(input_size, gallery_size) if gallery_size else None
     key2 = content_key(pass1=key, pass2=pass2)
+    for name, wanted in (("pass1.npz", key), ("pass2.npz", key2)):
+        _discard_other_run(ckpt_dir, name, wanted)
     requested = pass2
     if pass2 == "store" and _checkpoint_complete(ckpt_dir, "pass2.npz", key2, n, batch_size):
         pass2 = "recompute"  # a finished pass 2 needs no store (only its gallery renders)
@@ -978,6 +980,24 @@ def dissect(
 
 
 PASS2_MODES = ("store", "recompute")
+_LAYOUT = 3  # of checkpoints and records: 3 = TopQuantile sketches, a batch log, galleries
+
+
+def _discard_other_run(ckpt_dir: Path | None, name: str, key: str) -> None:
+    """Delete ``ckpt_dir/name`` if another run wrote it (another model, source, option
+    or nethook version: its key differs). It cannot be resumed, and the results of
+    that run are not in it (they are in ``results.zarr``)."""
+    from nethook.runner import load_checkpoint
+
+    path = None if ckpt_dir is None else ckpt_dir / name
+    if path is None or not path.is_file():
+        return
+    try:
+        other = load_checkpoint(path).get("meta", {}).get("key") != key
+    except (OSError, ValueError, KeyError):
+        other = True
+    if other:
+        path.unlink()
 
 
 def _thumb_size(input_size: tuple[int, int], gallery_size: int) -> tuple[int, int]:

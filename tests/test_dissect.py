@@ -440,3 +440,19 @@ def test_dissect_command_pass2_modes_agree(tmp_path: Path) -> None:
         docs[mode] = json.loads((out / "results.json").read_text())
     assert docs["store"] == docs["recompute"]
     assert max(u["iou"] for u in docs["store"]["layers"]["1"]["units"]) > 0
+
+
+def test_checkpoints_of_another_run_are_discarded(tmp_path: Path) -> None:
+    """Leftovers of another run (another key, older layout) in OUT/checkpoints neither
+    block the run nor leak into it."""
+    from nethook.runner import save_checkpoint
+
+    kwargs = dict(batch_size=7, topk=3, progress=False, gallery_size=None)
+    reference = dissect(planted_model(), ["1"], Planted(), **kwargs)
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name in ("pass1.npz", "pass2.npz"):
+        stale = {"consumers": ["iou"], "key": "another run", "batch_size": 7}
+        save_checkpoint(checkpoints / name, {"meta": stale, "batches_done": 6, "states": {}})
+    got = dissect(planted_model(), ["1"], Planted(), out=tmp_path, **kwargs)
+    np.testing.assert_array_equal(got["1"]["iou"].values, reference["1"]["iou"].values)
