@@ -55,7 +55,7 @@ from nethook.atomic import write_text
 from nethook.batchlog import BatchLog
 from nethook.models import model_device
 from nethook.rotation import Rotate
-from nethook.stats.base import from_state_dict
+from nethook.stats.base import as_numpy, from_state_dict
 from nethook.stats.iou import IoU
 from nethook.stats.top_quantile import TopQuantile
 from nethook.upsample import (
@@ -265,6 +265,7 @@ class _LayerPass1:
         self.sketch = sketch
         self.top = top
         self.last: tuple[int, torch.Tensor] | None = None  # (batch number, prepared maps)
+        self.above: tuple[int | None, Any] = (None, None)  # (batch number, sketch.above)
 
     def maps(self, batch) -> torch.Tensor:
         """The batch's maps, prepared (once per batch: the recorder reuses them)."""
@@ -285,7 +286,7 @@ class _LayerPass1:
 
     def cells_above(self, batch) -> Any:
         """The flat indices the sketch took from ``batch`` (None if it skipped the batch)."""
-        number, above = getattr(self, "above", (None, None))
+        number, above = self.above
         return above if number == batch.number else None
 
     def state_dict(self) -> dict[str, Any]:
@@ -355,8 +356,8 @@ class _HotRecorder:
         label_size = tuple(arrays["labels"].shape[-2:])
         for i, (layer, first) in enumerate(self.pass1.items()):
             acts, above = maps[i]
-            acts = _numpy_array(acts)
-            floor = _numpy_array(first.sketch.floor).astype(acts.dtype)  # the sketch's dtype
+            acts = as_numpy(acts)
+            floor = as_numpy(first.sketch.floor).astype(acts.dtype)  # the sketch's dtype
             size = tuple(acts.shape[-2:])
             grow = not is_identity(size, label_size, self.record.input_size, self.geometries[layer])
             hot, index = _hot_cells(acts, above, floor, grow)
@@ -365,10 +366,6 @@ class _HotRecorder:
             arrays[f"index{i}"] = index
             arrays[f"value{i}"] = acts.reshape(-1)[index]
         self.log.write(number, arrays)
-
-
-def _numpy_array(t: torch.Tensor | np.ndarray) -> np.ndarray:
-    return t if isinstance(t, np.ndarray) else t.detach().cpu().numpy()
 
 
 def _hot_cells(
@@ -387,7 +384,7 @@ def _hot_cells(
     if above is None:
         index = np.flatnonzero(maps > floor[None, :, None, None])
     else:
-        index = _numpy_array(above)
+        index = as_numpy(above)
         index = index[flat[index] > floor[(index // (h * w)) % units]]
     if not grow or index.size == 0:
         return index, index

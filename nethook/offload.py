@@ -187,12 +187,7 @@ class Forked:
             try:
                 send.send(("ok", fn()))
             except BaseException as exc:
-                text = "in the forked process:\n" + traceback.format_exc()
-                try:
-                    pickle.dumps(exc)
-                except Exception:
-                    exc = OffloadError(f"the forked call failed {text}")
-                send.send(("error", (exc, text)))
+                send.send(("error", _failure(exc, "the forked call", "forked process")))
 
         self.process = ctx.Process(target=child, name="nethook-forked", daemon=True)
         self.process.start()
@@ -258,12 +253,18 @@ def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox, fre
                         c.abort()
                 return
     except BaseException as exc:  # reported to the caller, which raises it
-        text = "in the worker process:\n" + traceback.format_exc()
-        try:
-            pickle.dumps(exc)
-        except Exception:
-            exc = OffloadError(f"a consumer failed {text}")
-        outbox.put(("error", (exc, text)))
+        outbox.put(("error", _failure(exc, "a consumer", "worker process")))
+
+
+def _failure(exc: BaseException, what: str, where: str) -> tuple[BaseException, str]:
+    """The exception being handled, ready to send: itself if it pickles (else an
+    :class:`OffloadError` that says what failed), and its traceback as text."""
+    text = f"in the {where}:\n" + traceback.format_exc()
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        exc = OffloadError(f"{what} failed {text}")
+    return exc, text
 
 
 def _raise(payload: tuple[BaseException, str]) -> None:

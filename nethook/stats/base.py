@@ -180,6 +180,11 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.array(t, copy=True)
 
 
+def as_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A tensor's data as a numpy array (a view for CPU tensors; arrays pass through)."""
+    return t if isinstance(t, np.ndarray) else t.detach().cpu().numpy()
+
+
 def as_tensor(a: Any, device: torch.device | str | None = None) -> torch.Tensor:
     """Return a state array (from ``state_dict``) as a tensor on ``device``, copied."""
     return torch.tensor(np.asarray(a), device=device)

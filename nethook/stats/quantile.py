@@ -75,7 +75,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from nethook.stats.base import Stat, check_batch, xr_units
+from nethook.stats.base import Stat, as_numpy, check_batch, xr_units
 
 Array = np.ndarray | torch.Tensor
 
@@ -431,8 +431,7 @@ def _to_device(a: Array, device: torch.device) -> Array:
     return t.to(device)
 
 
-def _numpy(a: Array) -> np.ndarray:
-    return a if _is_np(a) else a.detach().cpu().numpy()
+_numpy = as_numpy
 
 
 def _compaction_rng(seed: int, stream: int, level: int, counter: int, probe: Array):
