@@ -71,11 +71,15 @@ class BatchLog:
         """Whether batch ``number`` has been written."""
         return self._file(number).is_file()
 
-    def done(self) -> int:
-        """How many batches, from the first on, are present (where a rerun starts)."""
-        number = 0
+    def done(self, part: int = 0, parts: int = 1) -> int:
+        """How many batches, from the first on, are present (where a rerun starts).
+
+        With ``parts`` (a run split over processes, each writing the batches whose
+        number is ``part`` modulo ``parts``): the first of ``part``'s batches missing.
+        """
+        number = part
         while self.has(number):
-            number += 1
+            number += parts
         return number
 
     def read(self, number: int) -> dict[str, np.ndarray]:

@@ -54,6 +54,7 @@ from torch import nn
 from nethook.atomic import write_text
 from nethook.batchlog import BatchLog
 from nethook.models import model_device
+from nethook.offload import in_parallel
 from nethook.rotation import Rotate
 from nethook.stats.base import as_numpy, from_state_dict
 from nethook.stats.iou import IoU
@@ -296,6 +297,11 @@ class _LayerPass1:
         self.sketch.load_state_dict(sd["sketch"])
         self.top.load_state_dict(sd["top"])
 
+    def merge_state(self, sd: dict[str, Any]) -> None:
+        """Fold in the pass 1 of another part of the images (a state of this object)."""
+        self.sketch.merge(from_state_dict(sd["sketch"]))
+        self.top.merge(from_state_dict(sd["top"]))
+
 
 class _HotRecorder:
     """Pass 1's record for pass 2: per batch, the cells of each layer that may be on.
@@ -311,7 +317,8 @@ class _HotRecorder:
     the activations are kept; held batches cost at most ``lag`` batches of memory.
     The concept labels and thumbnails come from :class:`_Recorder`. A consumer of
     pass 1 (after the layers' :class:`_LayerPass1`); a rerun starts at the first
-    batch missing from the log, and :meth:`close` writes the batches still held.
+    batch missing from the log (of its ``shard`` ``(part, parts)`` where pass 1 is
+    split over processes), and :meth:`close` writes the batches still held.
     """
 
     lag = 3
@@ -322,8 +329,10 @@ class _HotRecorder:
         pass1: Mapping[str, _LayerPass1],
         geometries: Mapping[str, Geometry | None],
         record: _Recorder,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.log = log
+        self.shard = shard
         self.pass1 = dict(pass1)
         self.layers = tuple(self.pass1)
         self.geometries = dict(geometries)
@@ -331,7 +340,7 @@ class _HotRecorder:
         self.held: list[tuple[int, dict[str, np.ndarray], list[tuple]]] = []
 
     def resume_batch(self, batch_size: int) -> int:
-        return self.log.done()
+        return self.log.done(*self.shard)
 
     def __call__(self, batch) -> None:
         # copies: under offload the batch's tensors are slots that the next batch reuses
@@ -444,49 +453,51 @@ def _replay(
     return make_batches
 
 
-def _pass2_in_halves(
-    log: BatchLog,
-    layers: Sequence[str],
-    shapes: Mapping[str, tuple],
-    samples: int,
-    batch_size: int,
-    consumers: Mapping[str, Any],
-    progress: bool,
-) -> None:
-    """Pass 2 on CPU over both cores: a forked process tallies the odd batches of the
-    log (reading them itself) while this one tallies the even ones; the child's
-    states are then merged in (IoU tallies add, galleries fill their slots).
-
-    No checkpoints on the way (pass 2 is the short pass; a killed run redoes it from
-    the log); the caller saves the finished state.
+def _merge_parts(run_part: Callable[[int], None], consumers: Mapping[str, Any], parts: int) -> None:
+    """Pass 2 on CPU over ``parts`` processes: ``run_part(part)`` feeds ``consumers``
+    every ``parts``-th batch (from the log, or the model); the other processes'
+    states are then merged into this one's consumers (IoU tallies add, galleries
+    fill their slots). The caller saves the finished state.
     """
-    from nethook.offload import Forked
-    from nethook.runner import run_batches
 
-    batches = -(-samples // batch_size)
-
-    def half(part: int) -> dict[str, Any]:
-        numbers = range(part, batches, 2)
-        total = sum(min(batch_size, samples - i * batch_size) for i in numbers)
-        if total:
-            run_batches(
-                _replay(log, layers, shapes, samples, batch_size, "cpu", part, 2),
-                consumers,
-                total=total,
-                batch_size=batch_size,
-                progress=progress and part == 0,
-                desc="dissect 2/2: IoU",
-            )
+    def part_states(part: int) -> dict[str, Any]:
+        run_part(part)
         return {name: c.state_dict() for name, c in consumers.items()}
 
-    other = Forked(lambda: half(1))
-    try:
-        half(0)
-    except BaseException:
-        other.cancel()
-        raise
-    for name, state in other.result().items():
-        consumers[name].merge_state(state)
+    for states in in_parallel(part_states, parts)[1:]:
+        for name, state in states.items():
+            consumers[name].merge_state(state)
+
+
+def _processes(parallel: int | None, on_cpu: bool, num_workers: int, batches: int) -> int:
+    """How many processes share each pass (see :func:`dissect`'s ``parallel``)."""
+    if parallel is not None and (int(parallel) != parallel or parallel < 1):
+        raise ValueError(f"parallel must be a count of processes >= 1 (or None), got {parallel}")
+    if not on_cpu:
+        if parallel not in (None, 1):
+            raise ValueError("parallel processes split CPU runs; on an accelerator use 1 (or None)")
+        return 1
+    if parallel is None:
+        cores = os.process_cpu_count() if hasattr(os, "process_cpu_count") else None
+        if cores is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        parallel = 1 if num_workers else min(cores, _MAX_PROCESSES)
+    elif parallel > 1 and num_workers:
+        raise ValueError(
+            f"parallel={parallel} with num_workers={num_workers}: each process of a split "
+            "run loads its own batches; use num_workers=0 (or parallel=1)"
+        )
+    return max(1, min(int(parallel), batches))
+
+
+def _part_name(name: str, part: int, parts: int) -> str:
+    """Checkpoint file of one process's part of a pass (``name.npz`` when unsplit)."""
+    return f"{name}.npz" if parts == 1 else f"{name}.{part}of{parts}.npz"
+
+
+def _part_desc(desc: str, parts: int) -> str:
+    """A progress bar's label: the first process shows its own share."""
+    return desc if parts == 1 else f"{desc} (process 1 of {parts})"
 
 
 class _IoUTally:
@@ -754,6 +765,7 @@ def dissect(
     geometry: Mapping[str, Geometry] | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 0,
+    parallel: int | None = None,
     checkpoint_every: int = 20,
     progress: bool = True,
     pass2: str = "store",
@@ -783,6 +795,12 @@ def dissect(
     position of every image; it keeps only the values that can still be in the top
     ``1.25 * quantile`` (a few percent of them), so its rank error is a small
     fraction of that top share.
+
+    On CPU both passes are split over ``parallel`` processes (default: one per core,
+    at most 8; with ``num_workers`` loader processes, 1), each taking every
+    ``parallel``-th batch with one torch thread; their sketches, tallies and
+    galleries are merged after each pass. Results depend (within the sketch's
+    error) on ``parallel``, which is part of the run's key.
 
     With ``out``, results go to ``out/results.zarr``, ``results.json`` and
     ``results.csv``, and both passes checkpoint to ``out/checkpoints/``: a killed
@@ -815,6 +833,8 @@ def dissect(
     if device is not None:
         model.to(device)
     n = len(source) if samples is None else min(int(samples), len(source))
+    on_cpu = torch.device(device or model_device(model)).type == "cpu"
+    parts = _processes(parallel, on_cpu, num_workers, -(-n // batch_size))
     concepts = source.concepts()
     ckpt_dir = Path(out) / "checkpoints" if out is not None else None
     if ckpt_dir is not None:
@@ -830,6 +850,7 @@ def dissect(
         seed=seed,
         batch_size=batch_size,
         layout=_LAYOUT,
+        parts=parts,
     )
     common = dict(
         batch_size=batch_size,
@@ -837,21 +858,17 @@ def dissect(
         num_workers=num_workers,
         device=device,
         checkpoint_every=checkpoint_every,
-        checkpoint_key=key,
-        progress=progress,
     )
 
     first = source[0]
     shapes = _layer_shapes(model, layers, source, first, device)
-    # on CPU, pass 1's statistics run in a worker process, beside loading and the model
-    offload = torch.device(device or model_device(model)).type == "cpu"
     prepare = {layer: _preparer(layer, shapes[layer], rotate, seed) for layer in layers}
 
     input_size = tuple(first["image"].shape[-2:])
     thumb = _thumb_size(input_size, gallery_size) if gallery_size else None
     key2 = content_key(pass1=key, pass2=pass2)
-    for name, wanted in (("pass1.npz", key), ("pass2.npz", key2)):
-        _discard_other_run(ckpt_dir, name, wanted)
+    for pattern, wanted in (("pass1*.npz", key), ("pass2*.npz", key2)):
+        _discard_other_run(ckpt_dir, pattern, wanted)
     requested = pass2
     if pass2 == "store" and _checkpoint_complete(ckpt_dir, "pass2.npz", key2, n, batch_size):
         pass2 = "recompute"  # a finished pass 2 needs no store (only its gallery renders)
@@ -871,18 +888,30 @@ def dissect(
         if ckpt_dir is None:
             scratch = Path(tempfile.mkdtemp(prefix="nethook-dissect-"))
         log = BatchLog((ckpt_dir or scratch) / "pass1.log", key)
-        recorder = _HotRecorder(log, pass1, geometries, _Recorder(concepts, input_size, thumb))
-        pass1 = {**pass1, "record": recorder}
-    try:
+
+    def pass1_part(part: int) -> dict[str, Any]:
+        """Pass 1 over this part's batches; the layers' states."""
+        consumers = dict(pass1)
+        if log is not None:
+            record = _Recorder(concepts, input_size, thumb)
+            consumers["record"] = _HotRecorder(log, pass1, geometries, record, (part, parts))
         run(
             model,
             source,
-            pass1,
-            checkpoint=ckpt_dir / "pass1.npz" if ckpt_dir else None,
-            desc="dissect 1/2: thresholds",
-            offload=offload,
+            consumers,
+            checkpoint=ckpt_dir / _part_name("pass1", part, parts) if ckpt_dir else None,
+            checkpoint_key=key,
+            desc=_part_desc("dissect 1/2: thresholds", parts),
+            progress=progress and part == 0,
+            shard=(part, parts) if parts > 1 else None,
             **common,
         )
+        return {layer: pass1[layer].state_dict() for layer in layers}
+
+    try:
+        for state in in_parallel(pass1_part, parts)[1:]:
+            for layer in layers:
+                pass1[layer].merge_state(state[layer])
         thresholds = {layer: _threshold(pass1[layer].sketch, quantile) for layer in layers}
 
         # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.
@@ -900,8 +929,37 @@ def dissect(
                 indices, prepared, thresholds, geometries, thumb, input_size
             )
         checkpoint2 = ckpt_dir / "pass2.npz" if ckpt_dir else None
-        if log is not None and offload:
-            _pass2_in_halves(log, layers, shapes, n, batch_size, consumers2, progress)
+        desc2 = _part_desc("dissect 2/2: IoU", parts)
+
+        def pass2_part(part: int) -> None:
+            """Pass 2 over this part's batches (on CPU, split over the processes)."""
+            shown = progress and part == 0
+            if log is not None:
+                batches = _replay(log, layers, shapes, n, batch_size, "cpu", part, parts)
+                run_batches(
+                    batches,
+                    consumers2,
+                    total=n,
+                    batch_size=batch_size,
+                    progress=shown,
+                    desc=desc2,
+                    shard=(part, parts),
+                )
+            else:  # as long as pass 1: each process checkpoints its part
+                run(
+                    model,
+                    source,
+                    consumers2,
+                    checkpoint=ckpt_dir / _part_name("pass2", part, parts) if ckpt_dir else None,
+                    checkpoint_key=key2,
+                    desc=desc2,
+                    progress=shown,
+                    shard=(part, parts),
+                    **common,
+                )
+
+        if parts > 1:
+            _merge_parts(pass2_part, consumers2, parts)
             if checkpoint2 is not None:  # finished: a rerun skips pass 2
                 saved = Checkpoint(checkpoint2, checkpoint_every, key2)
                 meta = saved.meta(batch_size, 0, n, consumers2)
@@ -926,8 +984,10 @@ def dissect(
                 source,
                 consumers2,
                 checkpoint=checkpoint2,
+                checkpoint_key=key2,
                 desc="dissect 2/2: IoU",
-                **{**common, "checkpoint_key": key2},
+                progress=progress,
+                **common,
             )
     except BaseException:
         if scratch is not None:
@@ -977,24 +1037,23 @@ def dissect(
 
 
 PASS2_MODES = ("store", "recompute")
+_MAX_PROCESSES = 8
 _LAYOUT = 3  # of checkpoints and records: 3 = TopQuantile sketches, a batch log, galleries
 
 
-def _discard_other_run(ckpt_dir: Path | None, name: str, key: str) -> None:
-    """Delete ``ckpt_dir/name`` if another run wrote it (another model, source, option
-    or nethook version: its key differs). It cannot be resumed, and the results of
-    that run are not in it (they are in ``results.zarr``)."""
+def _discard_other_run(ckpt_dir: Path | None, pattern: str, key: str) -> None:
+    """Delete the checkpoints ``ckpt_dir/pattern`` that another run wrote (another
+    model, source, option or nethook version: their key differs). They cannot be
+    resumed, and the results of that run are not in them (they are in ``results.zarr``)."""
     from nethook.runner import load_checkpoint
 
-    path = None if ckpt_dir is None else ckpt_dir / name
-    if path is None or not path.is_file():
-        return
-    try:
-        other = load_checkpoint(path).get("meta", {}).get("key") != key
-    except (OSError, ValueError, KeyError):
-        other = True
-    if other:
-        path.unlink()
+    for path in [] if ckpt_dir is None else sorted(ckpt_dir.glob(pattern)):
+        try:
+            other = load_checkpoint(path).get("meta", {}).get("key") != key
+        except (OSError, ValueError, KeyError):
+            other = True
+        if other:
+            path.unlink()
 
 
 def _thumb_size(input_size: tuple[int, int], gallery_size: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ changes only in the worker.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pickle
 import queue
 import traceback
@@ -220,6 +221,33 @@ class Forked:
         if self.process.is_alive():
             self.process.terminate()
             self.process.join()
+
+
+def in_parallel(fn: Callable[[int], Any], parts: int) -> list[Any]:
+    """``[fn(0), fn(1), ..., fn(parts - 1)]``, each part but the first in a forked process.
+
+    For CPU work that splits into independent parts (a run's batches taken in turns,
+    each part writing its own files and returning its consumers' states): every
+    process runs one torch thread, so ``parts`` processes fill ``parts`` cores
+    without the threads of one contending with another. This process runs part 0;
+    if it fails, the others are stopped. Results come back pickled.
+    """
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    if parts == 1:
+        return [fn(0)]
+    threads = torch.get_num_threads()
+    others = [Forked(functools.partial(fn, part)) for part in range(1, parts)]
+    torch.set_num_threads(1)
+    try:
+        mine = fn(0)
+        return [mine, *(other.result() for other in others)]
+    except BaseException:
+        for other in others:
+            other.cancel()
+        raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox, free) -> None:

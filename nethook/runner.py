@@ -489,8 +489,15 @@ class Checkpoint:
         self.every = every
         self.key = key
 
-    def meta(self, batch_size: int, start: int, samples: int, names: Iterable[str]) -> dict:
-        return {
+    def meta(
+        self,
+        batch_size: int,
+        start: int,
+        samples: int,
+        names: Iterable[str],
+        shard: tuple[int, int] | None = None,
+    ) -> dict:
+        meta = {
             "version": CHECKPOINT_VERSION,
             "batch_size": batch_size,
             "start": start,
@@ -498,6 +505,9 @@ class Checkpoint:
             "consumers": sorted(names),
             "key": self.key or "",
         }
+        if shard is not None:  # one process's share of a run: its own checkpoint
+            meta["shard"] = list(shard)
+        return meta
 
     def load(self, meta: dict) -> tuple[int, dict[str, Any]] | None:
         """Return ``(batches_done, states)`` if a matching checkpoint exists."""
@@ -607,6 +617,7 @@ def run(
     progress: bool = True,
     desc: str = "running",
     offload: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` over samples ``start .. start+samples`` of ``source`` and feed consumers.
 
@@ -621,6 +632,10 @@ def run(
     ``offload=True`` runs the consumers in a worker process (CPU only; for consumers
     that keep their results in their state or in files, see :mod:`nethook.offload`):
     their work then overlaps the loading and forward pass of the next batch.
+    ``shard=(part, parts)`` runs only the batches whose number is ``part`` modulo
+    ``parts`` (batch numbers and positions stay those of the whole run), for runs
+    split over processes that each take a share and merge their consumers after
+    (see :func:`nethook.offload.in_parallel`); a shard checkpoints on its own.
     Returns the consumers, by name.
     """
     from nethook.trace import TraceDict
@@ -643,18 +658,19 @@ def run(
     retain_input = any(getattr(c, "of", "output") == "input" for c in consumers.values())
 
     def make_batches(first: int) -> Iterator[Batch]:
-        subset = Subset(source, positions[first * batch_size :].tolist())
+        numbers = shard_batches(first, -(-total // batch_size), shard)
         loader = DataLoader(
-            subset,
-            batch_size=batch_size,
-            shuffle=False,
+            Subset(source, positions.tolist()),
+            batch_sampler=[
+                range(b * batch_size, min((b + 1) * batch_size, total)) for b in numbers
+            ],
             num_workers=num_workers,
             collate_fn=collate_fn,
             generator=torch.Generator().manual_seed(seed),
         )
-        offset = first * batch_size
         with torch.no_grad():
-            for number, data in enumerate(loader, start=first):
+            for number, data in zip(numbers, loader, strict=True):
+                offset = number * batch_size
                 x = inputs(data)
                 with TraceDict(
                     model, layers, stop=True, clone=clone, detach=True, retain_input=retain_input
@@ -665,7 +681,6 @@ def run(
                 n = next(iter(acts.values())).shape[0]
                 pos = torch.as_tensor(positions[offset : offset + n])
                 yield Batch(acts, data, pos, offset, number, layer_inputs)
-                offset += n
 
     return _drive(
         make_batches,
@@ -679,7 +694,19 @@ def run(
         progress=progress,
         desc=desc,
         offload=offload,
+        shard=shard,
     )
+
+
+def shard_batches(first: int, batches: int, shard: tuple[int, int] | None) -> list[int]:
+    """Batch numbers ``first .. batches - 1`` that belong to ``shard`` ``(part, parts)``
+    (those equal to ``part`` modulo ``parts``; all of them without a shard)."""
+    if shard is None:
+        return list(range(first, batches))
+    part, parts = shard
+    if not 0 <= part < parts:
+        raise ValueError(f"shard must be (part, parts) with 0 <= part < parts, got {shard}")
+    return [b for b in range(first, batches) if b % parts == part]
 
 
 def run_store(
@@ -887,12 +914,14 @@ def run_batches(
     progress: bool = True,
     desc: str = "running",
     offload: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Feed consumers batches that the caller makes (from records of an earlier pass).
 
     ``make_batches(first)`` yields :class:`Batch` objects numbered ``first, first + 1,
-    ...`` of ``batch_size`` samples (``total`` in all); the loop, checkpoints, resume,
-    progress and ``offload`` are those of :func:`run`. Returns the consumers, by name.
+    ...`` of ``batch_size`` samples (``total`` in all; with ``shard``, only the numbers
+    :func:`shard_batches` gives); the loop, checkpoints, resume, progress, ``offload``
+    and ``shard`` are those of :func:`run`. Returns the consumers, by name.
     """
     return _drive(
         make_batches,
@@ -906,6 +935,7 @@ def run_batches(
         progress=progress,
         desc=desc,
         offload=offload,
+        shard=shard,
     )
 
 
@@ -922,11 +952,14 @@ def _drive(
     progress: bool,
     desc: str,
     offload: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """The shared loop: resume, feed consumers, checkpoint, show progress, close.
 
     With ``offload``, the consumers run in a worker process (:mod:`nethook.offload`);
-    checkpoints and the end of the loop bring their states back.
+    checkpoints and the end of the loop bring their states back. With ``shard``,
+    ``make_batches`` yields only the shard's batches; a checkpoint is saved after
+    the batch at which the count of batches passes a multiple of ``checkpoint_every``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -939,7 +972,7 @@ def _drive(
             if isinstance(checkpoint, Checkpoint)
             else Checkpoint(checkpoint, checkpoint_every, checkpoint_key)
         )
-    meta = ckpt.meta(batch_size, start, total, stateful) if ckpt else {}
+    meta = ckpt.meta(batch_size, start, total, stateful, shard) if ckpt else {}
     done = 0
     if ckpt is not None:
         loaded = ckpt.load(meta)
@@ -966,9 +999,10 @@ def _drive(
         feeder = Offload(consumers, starts)
     try:
         if first < n_batches:
+            mine = shard_batches(0, n_batches, shard)
             with tqdm(
-                total=total,
-                initial=min(first * batch_size, total),
+                total=sum(min(batch_size, total - b * batch_size) for b in mine),
+                initial=sum(min(batch_size, total - b * batch_size) for b in mine if b < first),
                 unit="sample",
                 desc=desc,
                 disable=not progress,
@@ -981,7 +1015,8 @@ def _drive(
                         _feed(consumers, starts, batch)
                     number = batch.number + 1
                     bar.update(len(batch))
-                    if ckpt is not None and stateful and number % ckpt.every == 0:
+                    due = number // ckpt.every > last_saved // ckpt.every if ckpt else False
+                    if due and stateful:
                         if feeder is not None:
                             feeder.sync()
                         _save(ckpt, meta, number, stateful, starts)

@@ -29,6 +29,9 @@ def test_resume_point_is_the_first_missing_batch(tmp_path) -> None:
     assert [int(r["x"].size) for r in log.batches()] == [0, 1]
     with pytest.raises(FileNotFoundError, match="has no batch 2"):
         log.read(2)
+    # a run split over two processes: each resumes at its own first missing batch
+    assert log.done(0, 2) == 2
+    assert log.done(1, 2) == 5
 
 
 def test_another_key_starts_afresh(tmp_path) -> None:

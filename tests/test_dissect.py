@@ -79,6 +79,19 @@ def planted_model() -> nn.Sequential:
     return nn.Sequential(conv, nn.ReLU(), nn.AvgPool2d(2)).eval()
 
 
+def as_dissected(layer: nn.Module, images: torch.Tensor, batch_size: int = 7) -> torch.Tensor:
+    """``layer(images)`` computed as a dissection split over processes computes it: in
+    batches, on one torch thread (convolutions round differently on more threads,
+    which moves cells that lie within a rounding error of a threshold)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return torch.cat([layer(images[i : i + batch_size]) for i in range(0, N, batch_size)])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def brute_force_iou(masks: np.ndarray, source: Planted) -> dict[int, np.ndarray]:
     """IoU per concept id, by definition: sums over images carrying the concept's category."""
     items = [source[i] for i in range(len(source))]
@@ -119,6 +132,7 @@ def dissected(request, tmp_path_factory):
         topk=3,
         progress=False,
         pass2=request.param,
+        parallel=2,
     )
     return model, results, out
 
@@ -142,10 +156,7 @@ def test_iou_equals_brute_force(dissected) -> None:
     model, results, _ = dissected
     source = Planted()
     images = torch.stack([source[i]["image"] for i in range(N)])
-    with torch.no_grad():
-        relu = model[:2](images)
-        pooled = model(images)
-    for layer, acts in (("1", relu), ("2", pooled)):
+    for layer, acts in (("1", as_dissected(model[:2], images)), ("2", as_dissected(model, images))):
         ds = results[layer]
         maps = F.interpolate(acts, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
         thr = torch.as_tensor(ds["threshold"].values)
@@ -189,19 +200,25 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second batch this process tallies (of six, or of three)
+        if calls["n"] == 2:  # the second batch each process tallies (of three)
             raise KeyboardInterrupt("killed")
         return real_update(self, *args, **kwargs)
 
     monkeypatch.setattr(iou_module.IoU, "update_flat", flaky)
     mode = reference["1"].attrs["pass2"]
     kwargs = dict(
-        out=tmp_path, batch_size=7, topk=3, progress=False, checkpoint_every=1, pass2=mode
+        out=tmp_path,
+        batch_size=7,
+        topk=3,
+        progress=False,
+        checkpoint_every=1,
+        pass2=mode,
+        parallel=2,
     )
     with pytest.raises(KeyboardInterrupt):
         dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
-    if mode == "recompute":  # from the log, pass 2 splits over two processes: no checkpoints
-        assert (tmp_path / "checkpoints" / "pass2.npz").exists()
+    if mode == "recompute":  # each process checkpoints its part (from the log: none)
+        assert (tmp_path / "checkpoints" / "pass2.0of2.npz").exists()
     else:
         assert any((tmp_path / "checkpoints" / "pass1.log").glob("*.npz"))
     monkeypatch.setattr(iou_module.IoU, "update_flat", real_update)
@@ -222,17 +239,18 @@ def test_killed_pass1_with_store_resumes(tmp_path: Path, dissected, monkeypatch)
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2 * 4 + 1:  # two layers: the fifth batch of six
+        if calls["n"] == 2 * 2 + 1:  # two layers: each process's third batch (of three)
             raise KeyboardInterrupt("killed")
         return real_update(self, *args, **kwargs)
 
     monkeypatch.setattr(quantile_module.TopQuantile, "update", flaky)
-    kwargs = dict(out=tmp_path, batch_size=7, topk=3, progress=False, checkpoint_every=2)
+    kwargs = dict(
+        out=tmp_path, batch_size=7, topk=3, progress=False, checkpoint_every=2, parallel=2
+    )
     with pytest.raises(KeyboardInterrupt):
         dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     store = tmp_path / "checkpoints" / "pass1.log"
-    assert any(store.glob("*.npz"))  # batches before the kill (the last few are held back)
-    assert (tmp_path / "checkpoints" / "pass1.npz").exists()
+    assert (tmp_path / "checkpoints" / "pass1.0of2.npz").exists()
     monkeypatch.setattr(quantile_module.TopQuantile, "update", real_update)
     resumed = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     assert not store.exists()
@@ -332,6 +350,41 @@ def test_bad_input_is_named() -> None:
         dissect(planted_model(), "1", Planted(), pass2="disk", progress=False)
     with pytest.raises(Exception, match="nolayer"):
         dissect(planted_model(), "nolayer", Planted(), progress=False)
+
+
+def test_split_over_processes_agrees_with_one_process() -> None:
+    """Two processes (every other batch each, merged) find what one process finds."""
+    kwargs = dict(batch_size=7, topk=3, progress=False)
+    one = dissect(planted_model(), ["1", "2"], Planted(), parallel=1, **kwargs)
+    two = dissect(planted_model(), ["1", "2"], Planted(), parallel=2, **kwargs)
+    for layer in ("1", "2"):
+        detectors = one[layer]["detector"].values  # the noise unit's best IoUs are near ties
+        assert detectors.sum() == 2
+        np.testing.assert_array_equal(two[layer]["detector"].values, detectors)
+        np.testing.assert_array_equal(
+            two[layer]["label"].values[detectors], one[layer]["label"].values[detectors]
+        )
+        np.testing.assert_array_equal(
+            two[layer]["top_index"].values, one[layer]["top_index"].values
+        )
+        np.testing.assert_allclose(
+            two[layer]["threshold"].values, one[layer]["threshold"].values, rtol=2e-3
+        )
+        np.testing.assert_allclose(two[layer]["iou"].values, one[layer]["iou"].values, atol=2e-3)
+
+
+def test_bad_parallel_is_named() -> None:
+    from nethook.dissect import _processes
+
+    with pytest.raises(ValueError, match="parallel"):
+        dissect(planted_model(), "1", Planted(), parallel=0, progress=False)
+    with pytest.raises(ValueError, match="num_workers"):
+        dissect(planted_model(), "1", Planted(), parallel=2, num_workers=1, progress=False)
+    with pytest.raises(ValueError, match="accelerator"):
+        _processes(2, on_cpu=False, num_workers=0, batches=10)
+    assert _processes(None, on_cpu=False, num_workers=0, batches=10) == 1
+    assert _processes(None, on_cpu=True, num_workers=2, batches=10) == 1
+    assert _processes(4, on_cpu=True, num_workers=0, batches=3) == 3  # at most one per batch
 
 
 def test_broden_fixture_end_to_end(tmp_path: Path) -> None:
