@@ -314,8 +314,11 @@ class _HotRecorder:
     the rest of each map with the floor, which lies below the threshold. A batch is
     written ``lag`` batches late, when the floor has risen further (it starts loose:
     the early batches would otherwise hold most of the log), so only a few percent of
-    the activations are kept; held batches cost at most ``lag`` batches of memory.
-    The concept labels and thumbnails come from :class:`_Recorder`. A consumer of
+    the activations are kept; held batches cost at most ``lag`` batches of memory
+    (references: the runner makes new tensors for every batch). The concept labels
+    come from :class:`_Recorder`; thumbnails are kept only of the images that are
+    still among some unit's top images when the batch is written (an image that has
+    dropped out of a running top-k cannot come back). A consumer of
     pass 1 (after the layers' :class:`_LayerPass1`); a rerun starts at the first
     batch missing from the log (of its ``shard`` ``(part, parts)`` where pass 1 is
     split over processes), and :meth:`close` writes the batches still held.
@@ -337,18 +340,16 @@ class _HotRecorder:
         self.layers = tuple(self.pass1)
         self.geometries = dict(geometries)
         self.record = record
-        self.held: list[tuple[int, dict[str, np.ndarray], list[tuple]]] = []
+        self.held: list[tuple[int, dict[str, np.ndarray], list[tuple], Any]] = []
 
     def resume_batch(self, batch_size: int) -> int:
         return self.log.done(*self.shard)
 
     def __call__(self, batch) -> None:
-        # copies: under offload the batch's tensors are slots that the next batch reuses
-        arrays = {name: np.array(t.cpu().numpy()) for name, t in self.record(batch).items()}
-        maps = [
-            (first.maps(batch).clone(), first.cells_above(batch)) for first in self.pass1.values()
-        ]
-        self.held.append((batch.number, arrays, maps))
+        arrays = {name: as_numpy(t) for name, t in self.record(batch).items()}
+        maps = [(first.maps(batch), first.cells_above(batch)) for first in self.pass1.values()]
+        images = (batch.data["image"], batch.positions) if self.record.thumb else None
+        self.held.append((batch.number, arrays, maps, images))
         if len(self.held) > self.lag:
             self._write(*self.held.pop(0))
 
@@ -361,7 +362,17 @@ class _HotRecorder:
         """Drop the batches held back (a rerun records them again)."""
         self.held = []
 
-    def _write(self, number: int, arrays: dict[str, np.ndarray], maps: list) -> None:
+    def _write(self, number: int, arrays: dict[str, np.ndarray], maps: list, images) -> None:
+        if images is not None:
+            images, positions = images
+            top = np.concatenate(
+                [as_numpy(first.top.indices()).ravel() for first in self.pass1.values()]
+            )
+            rows = np.flatnonzero(np.isin(as_numpy(positions), top))
+            arrays["thumb_rows"] = rows
+            arrays["thumb"] = as_numpy(
+                thumbnails(images[torch.from_numpy(rows)], self.record.thumb)
+            )
         label_size = tuple(arrays["labels"].shape[-2:])
         for i, (layer, first) in enumerate(self.pass1.items()):
             acts, above = maps[i]
@@ -441,6 +452,10 @@ def _replay(
                 maps[...] = record[f"floor{i}"][None, :, None, None]
                 maps.reshape(-1)[record[f"index{i}"]] = values
                 acts[layer] = torch.from_numpy(maps).to(device)
+            if "thumb" in record:  # only the rows of images that may be top images
+                thumb = np.zeros((n, *record["thumb"].shape[1:]), np.uint8)
+                thumb[record["thumb_rows"]] = record["thumb"]
+                record["thumb"] = thumb
             data = {
                 name: torch.from_numpy(record[name]).to(device)
                 for name in ("labels", "image_labels", "thumb")
@@ -669,9 +684,10 @@ def _label_dtype(top: int) -> torch.dtype:
 class _Recorder:
     """What pass 1 stores beside the activations so that pass 2 needs no source.
 
-    Per image: the stacked pixel labels (``labels``), the whole-image labels
+    Per image: the stacked pixel labels (``labels``) and the whole-image labels
     (``image_labels``, when the source has any) in the narrowest integer dtype that
-    holds the concept ids, and the gallery thumbnail (``thumb``, uint8).
+    holds the concept ids. ``thumb`` is the size of gallery thumbnails (None: none),
+    which :class:`_HotRecorder` makes of the images it keeps.
     """
 
     def __init__(
@@ -701,8 +717,6 @@ class _Recorder:
         out = {"labels": labels}
         if image_labels is not None:
             out["image_labels"] = image_labels
-        if self.thumb is not None:
-            out["thumb"] = thumbnails(batch.data["image"], self.thumb)
         return out
 
 
