@@ -312,7 +312,8 @@ class _HotRecorder:
     their 3 x 3 neighbourhoods on layers that are upsampled (the corners of every
     label tile next to them), decide the unit's masks exactly; :func:`_replay` fills
     the rest of each map with the floor, which lies below the threshold. A batch is
-    written ``lag`` batches late, when the floor has risen further (it starts loose:
+    written ``lag`` batches late (or once the sketches place the values their warmup
+    holds), when the floor has risen further (it starts loose:
     the early batches would otherwise hold most of the log), so only a few percent of
     the activations are kept; held batches cost at most ``lag`` batches of memory
     (references: the runner makes new tensors for every batch). The concept labels
@@ -350,11 +351,14 @@ class _HotRecorder:
         maps = [(first.maps(batch), first.cells_above(batch)) for first in self.pass1.values()]
         images = (batch.data["image"], batch.positions) if self.record.thumb else None
         self.held.append((batch.number, arrays, maps, images))
-        if len(self.held) > self.lag:
+        holding = any(first.sketch.holding for first in self.pass1.values())
+        while len(self.held) > self.lag and not holding:
             self._write(*self.held.pop(0))
 
     def close(self) -> None:
-        """Write the batches held back (at the end of pass 1)."""
+        """Write the batches held back (at the end of pass 1, the sketches settled)."""
+        for first in self.pass1.values():
+            first.sketch.settle()
         while self.held:
             self._write(*self.held.pop(0))
 
@@ -894,7 +898,14 @@ def dissect(
     pass1: dict[str, Any] = {}
     for layer in layers:
         positions = n * int(np.prod(shapes[layer][2:]))
-        sketch = TopQuantile(share=quantile, total=positions, margin=1.25, seed=seed)
+        per_batch = batch_size * int(np.prod(shapes[layer][2:]))
+        sketch = TopQuantile(
+            share=quantile,
+            total=positions,
+            margin=1.25,
+            seed=seed,
+            warmup=(_HotRecorder.lag + 1) * per_batch,  # the first floor from 4 batches
+        )
         pass1[layer] = _LayerPass1(layer, prepare[layer], sketch, TopK(topk))
     scratch = None
     log = None

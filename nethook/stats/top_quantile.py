@@ -39,6 +39,7 @@ from nethook.stats.base import Stat, xr_units
 from nethook.stats.quantile import (  # the Quantile sketch's compactor and kernels
     Array,
     _as_qs,
+    _cat,
     _is_np,
     _Levels,
     _numpy,
@@ -48,6 +49,7 @@ from nethook.stats.quantile import (  # the Quantile sketch's compactor and kern
 )
 
 _RAISE_GROWTH = 1.25  # raise the floor once the count has grown by this factor
+_START_STRIDE = 7  # the first floor's candidate: every 7th value (odd: every column of a map)
 
 
 class TopQuantile(Stat):
@@ -60,7 +62,8 @@ class TopQuantile(Stat):
     After each update, :attr:`above` holds the flat indices (into that batch viewed as
     ``[N, C, P]``, ascending) of its values that went to the sketch, those above the
     floor: every value a top quantile can reach is among them (dissection keeps
-    just those activations for its second pass).
+    just those activations for its second pass); it is None for the updates held
+    back by ``warmup``.
 
     Args:
         share: the top share whose quantiles are asked; quantiles ``q >= 1 - share``.
@@ -72,6 +75,14 @@ class TopQuantile(Stat):
         k: capacity of the compactor stack's top level (error ~ 1/k of its weight).
         seed: seed of the compactions' random offsets (results are deterministic).
         k_min: smallest level capacity.
+        warmup: values per channel to hold back (copied) before the first floor is
+            set, from all of them at once (default: set it at the first update
+            with enough values). The floor keeps ``R`` values above it, so it is
+            looser the fewer values it is set from: a longer warmup lets fewer of
+            the early values through (fewer to sketch, or to keep as dissection
+            does), for that much memory. The held values are placed at the update
+            that fills the warmup or at the first readout or merge; until then
+            :attr:`floor` is -inf. They are part of the state.
     """
 
     version = 1
@@ -84,6 +95,7 @@ class TopQuantile(Stat):
         k: int = 1024,
         seed: int = 0,
         k_min: int = 32,
+        warmup: int | None = None,
     ):
         if not 0.0 < share < 0.5:
             raise ValueError(f"share must be a top share in (0, 0.5), got {share}")
@@ -93,12 +105,16 @@ class TopQuantile(Stat):
             raise ValueError(f"margin must be >= 1, got {margin}")
         if k < 2 or k_min < 2:
             raise ValueError(f"k and k_min must be >= 2, got {k}, {k_min}")
+        if warmup is not None and int(warmup) < 0:
+            raise ValueError(f"warmup must be a count of values >= 0 (or None), got {warmup}")
         self.share = float(share)
         self.total = None if total is None else int(total)
         self.margin = float(margin)
         self.k = int(k)
         self.seed = int(seed)
         self.k_min = int(k_min) + int(k_min) % 2
+        self.warmup = None if warmup is None else int(warmup)
+        self._held: list[Array] = []  # rows [C, m] held back by the warmup
         self.channels: int | None = None
         self.count = 0
         self._device = torch.device("cpu")
@@ -118,9 +134,15 @@ class TopQuantile(Stat):
 
     @property
     def floor(self) -> torch.Tensor:
-        """Per-channel floor ``[C]``: every value above it has been sketched."""
-        self._require()
+        """Per-channel floor ``[C]``: every value above it has been sketched (-inf
+        while the warmup holds the first values)."""
+        self._require(place=False)
         return torch.as_tensor(_numpy(self._floor)).to(self._device)
+
+    @property
+    def holding(self) -> bool:
+        """Whether the warmup holds values back (not yet placed, the floor not set)."""
+        return bool(self._held)
 
     def _keep(self) -> int:
         """``R``: how many of the largest values the floor keeps above it."""
@@ -157,9 +179,19 @@ class TopQuantile(Stat):
         self._min = _minimum(self._min, lo)
         self._max = _maximum(self._max, hi)
         self.count += values
+        if self._raised_at == 0 and self.warmup:
+            self._held.append(_rows(a))
+            self.above = None
+            if self.count >= self.warmup:
+                self._place_held()
+            return
         if self._raised_at == 0 and values > 2 * self._keep():
             self._raised_at = self.count
-            self._start_floor(a)
+            self._start_floor(_rows(a))
+        self._place(a)
+
+    def _place(self, a: Array) -> None:
+        """Send the values of ``a`` ``[N, C, P]`` above the floor to the stack."""
         self._count_ties(a)
         rows, self.above = _above(a, self._floor)
         self._levels.extend(rows)
@@ -167,6 +199,23 @@ class TopQuantile(Stat):
         due = self.count >= _RAISE_GROWTH * self._raised_at
         if due and self._levels.weight() > 2 * self._keep():
             self._raise_floor()
+
+    def settle(self) -> None:
+        """Place the values the warmup holds now: set the first floor from them and send
+        those above it to the stack (readouts and merges do this themselves)."""
+        self._place_held()
+
+    def _place_held(self) -> None:
+        """Set the first floor from the values held by the warmup, then place them."""
+        if not self._held:
+            return
+        rows = _cat(self._held)
+        self._held = []
+        self._raised_at = self.count
+        if rows.shape[1] > 2 * self._keep():
+            self._start_floor(rows)
+        self._place(rows[None])
+        self.above = None
 
     @property
     def _numpy(self) -> bool:
@@ -183,15 +232,27 @@ class TopQuantile(Stat):
         self._min = _to_device(np.full(channels, np.inf, np_dtype), device)
         self._max = _to_device(np.full(channels, -np.inf, np_dtype), device)
 
-    def _start_floor(self, a: Array) -> None:
-        """Set the first floor from a batch that alone holds more than ``2 R`` values a channel."""
-        rows = _rows(a)
-        kth = rows.shape[1] - self._keep() - 1
-        if _is_np(rows):
-            value = np.partition(rows, kth, axis=1)[:, kth]
-        else:
-            value = torch.kthvalue(rows, kth + 1, dim=1).values
-        self._lift_floor(_numpy(value))
+    def _start_floor(self, rows: Array) -> None:
+        """Set the first floor from rows ``[C, m]`` that hold more than ``2 R`` values a channel.
+
+        The floor must have at least ``R`` of these values above it. A candidate
+        comes from every 7th value (its estimate of the ``1.25 R``-th largest, a
+        selection a seventh the size), and an exact count over all of them checks it
+        (a candidate at the rows' minimum is the answer when fewer than ``R`` values
+        lie above it); rows it fails (rare) take the exact ``R``-th largest.
+        """
+        keep = self._keep()
+        sample = rows[:, ::_START_STRIDE]
+        value = _kth_largest(sample, max(1, 5 * keep // (4 * _START_STRIDE) + 1))
+        above = rows > value[:, None]
+        count = _numpy(above.sum(1) if not _is_np(rows) else np.count_nonzero(above, axis=1))
+        # at the minimum, fewer than R values above it make it the R-th largest (ReLU zeros)
+        short = np.flatnonzero((count < keep) & (_numpy(value) > _numpy(self._min)))
+        value = np.array(_numpy(value), copy=True)
+        if short.size:
+            index = short if _is_np(rows) else torch.as_tensor(short, device=rows.device)
+            value[short] = _numpy(_kth_largest(rows[index], keep + 1))
+        self._lift_floor(value)
 
     def _raise_floor(self) -> None:
         """Lift each floor to the stack's estimate of the value with ``R`` values above it.
@@ -246,8 +307,13 @@ class TopQuantile(Stat):
 
     # ------------------------------------------------------------------ merge
     def merge(self, other: TopQuantile) -> None:
-        """Fold ``other`` (same channels, share, total, margin, k, k_min) into this one."""
+        """Fold ``other`` (same channels, share, total, margin, k, k_min) into this one.
+
+        Values either holds back (``warmup``) are placed first.
+        """
         self._check_merge(other, "channels", "share", "total", "margin", "k", "k_min")
+        self._place_held()
+        other._place_held()
         if other.channels is None or other.count == 0:
             return
         if self.channels is None or self.count == 0:
@@ -273,9 +339,12 @@ class TopQuantile(Stat):
             self._raise_floor()
 
     # ------------------------------------------------------------------ readout
-    def _require(self) -> None:
+    def _require(self, place: bool = True) -> None:
+        """Fail without data; place the values the warmup holds (``place``: readouts)."""
         if self.channels is None:
             raise ValueError("TopQuantile has seen no data yet")
+        if place:
+            self._place_held()
 
     def _check_qs(self, qs) -> np.ndarray:
         q = _as_qs(qs)
@@ -390,6 +459,7 @@ class TopQuantile(Stat):
             "k": self.k,
             "seed": self.seed,
             "k_min": self.k_min,
+            "warmup": -1 if self.warmup is None else self.warmup,
             "count": int(self.count),
             "dtype": "float64" if self._dtype == torch.float64 else "float32",
         }
@@ -405,6 +475,8 @@ class TopQuantile(Stat):
             max=np.array(_numpy(self._max), copy=True),
             levels=self._levels.state(),
         )
+        if self._held:
+            sd["held"] = np.array(_numpy(_cat(self._held)), copy=True)
         return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -420,6 +492,7 @@ class TopQuantile(Stat):
             int(sd["k"]),
             int(sd["seed"]),
             int(sd["k_min"]),
+            None if int(sd.get("warmup", -1)) < 0 else int(sd["warmup"]),
         )
         self._device = device
         self.count = int(sd["count"])
@@ -433,6 +506,8 @@ class TopQuantile(Stat):
         for name in ("floor", "min", "max"):
             setattr(self, "_" + name, _to_device(np.array(sd[name], copy=True), device))
         self._levels.load(sd["levels"], device, presorted=True)
+        if "held" in sd:
+            self._held = [_to_device(np.array(sd["held"], copy=True), device)]
 
     def to(self, device: torch.device | str) -> TopQuantile:
         """Move the state to ``device`` (numpy arrays on CPU, torch tensors elsewhere)."""
@@ -441,6 +516,7 @@ class TopQuantile(Stat):
             for name in ("floor", "min", "max"):
                 setattr(self, "_" + name, _to_device(getattr(self, "_" + name), self._device))
             self._levels.to(self._device)
+            self._held = [_to_device(rows, self._device) for rows in self._held]
         return self
 
     def __repr__(self) -> str:
@@ -475,6 +551,15 @@ def _channel_reduce(a: Array, how: str) -> Array:
     return a.amin((0, 2)) if how == "min" else a.amax((0, 2))
 
 
+def _kth_largest(rows: Array, k: int) -> Array:
+    """Per row of ``[C, m]``, the ``k``-th largest value (``k`` clipped to ``1 .. m``)."""
+    m = rows.shape[1]
+    kth = m - min(max(k, 1), m)
+    if _is_np(rows):
+        return np.partition(rows, kth, axis=1)[:, kth]
+    return torch.kthvalue(rows, kth + 1, dim=1).values
+
+
 def _rows(a: Array) -> Array:
     """``[N, C, P]`` as contiguous per-channel rows ``[C, N * P]``."""
     n, c, p = a.shape
@@ -498,7 +583,10 @@ def _above(a: Array, floor: Array) -> tuple[Array, Array]:
         channel = (flat // p) % c if p > 1 else flat % c
         counts = np.bincount(channel, minlength=c)
         out = np.full((c, int(counts.max(initial=0))), -np.inf, a.dtype)
-        if flat.size:
+        if flat.size and n == 1:  # rows [C, m]: the hits come grouped by channel
+            start = np.cumsum(counts) - counts
+            out[channel, np.arange(channel.size) - start[channel]] = a.reshape(-1)[flat]
+        elif flat.size:
             keys = channel.astype(np.uint16) if c <= np.iinfo(np.uint16).max else channel
             order = np.argsort(keys, kind="stable")
             channel = channel[order]

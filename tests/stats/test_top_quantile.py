@@ -59,15 +59,16 @@ def feed(stat: TopQuantile, x: np.ndarray, cuts: list[int]) -> None:
     kind=st.sampled_from(["normal", "relu", "ints", "lognormal"]),
     share=st.sampled_from([0.005, 0.02, 0.1]),
     known=st.booleans(),
+    warmup=st.sampled_from([None, 0, 200, 2000]),
     data=st.data(),
 )
-def test_answers_within_the_stated_bound(seed, n, kind, share, known, data) -> None:
-    """Any split of any data: ``1 - share`` and the maximum are within the bound."""
+def test_answers_within_the_stated_bound(seed, n, kind, share, known, warmup, data) -> None:
+    """Any split of any data, any warmup: ``1 - share`` and the maximum are within the bound."""
     x = maps(seed, n, 6, kind)
     cuts = sorted(data.draw(st.lists(st.integers(1, max(1, n - 1)), max_size=4, unique=True)))
     cuts = [c for c in cuts if c < n]
     total = x.shape[0] * x.shape[2] if known else None
-    stat = TopQuantile(share=share, total=total, **SMALL)
+    stat = TopQuantile(share=share, total=total, warmup=warmup, **SMALL)
     feed(stat, x, cuts)
     q = 1.0 - share
     got = stat.quantiles([q, 1.0]).numpy()
@@ -120,6 +121,46 @@ def test_above_lists_the_values_sent_to_the_sketch() -> None:
             np.testing.assert_array_equal(stat.above, np.flatnonzero(x > floor[None, :, None]))
 
 
+def test_warmup_holds_the_first_values_then_sets_a_tighter_floor() -> None:
+    """Held values: no ``above``, floor -inf; once placed, the floor (set from all of
+    them) is below the ``R``-th largest, and tighter than the first batch alone gives."""
+    x = maps(7, 400, 3, "normal", positions=64)
+    held = TopQuantile(share=0.01, total=400 * 64, margin=1.25, warmup=100 * 64)
+    plain = TopQuantile(share=0.01, total=400 * 64, margin=1.25)
+    for stat in (held, plain):
+        stat.update(x[:25])
+    assert held.holding and held.above is None and np.isneginf(held.floor.numpy()).all()
+    first = plain.floor.numpy()  # set from the first 25 images alone
+    for stat in (held, plain):
+        for a in range(25, 100, 25):
+            stat.update(x[a : a + 25])
+    assert not held.holding and held.above is None  # placed at the update that filled it
+    keep = int(np.ceil(1.25 * 0.01 * 400 * 64))
+    rows = x[:100].transpose(1, 0, 2).reshape(3, -1)
+    rth = -np.sort(-rows, axis=1)[:, keep - 1]
+    assert (held.floor.numpy() < rth).all()
+    assert (held.floor.numpy() > first).all()
+    for stat in (held, plain):
+        stat.update(x[100:])
+    assert not held.uncertain([0.99]).any()
+    assert (rank_gap(x, held.quantiles([0.99]).numpy()[:, 0], 0.99) <= 1e-3).all()
+
+
+def test_first_floor_is_checked_against_every_value() -> None:
+    """Data that fools the every-7th-value candidate (the sampled positions are the
+    large ones) still gets a floor with ``R`` values above it."""
+    x = np.zeros((20, 2, 700), np.float32)
+    x[:, :, ::7] = 10.0 + np.arange(100, dtype=np.float32)[None, None, :]
+    x[:, :, 1::7] = 1.0
+    stat = TopQuantile(share=0.02, total=20 * 700, margin=1.25, warmup=20 * 700)
+    stat.update(x)
+    floor = stat.floor.numpy()
+    keep = int(np.ceil(1.25 * 0.02 * 20 * 700))
+    above = (x.transpose(1, 0, 2).reshape(2, -1) > floor[:, None]).sum(1)
+    assert (above >= keep).all()
+    assert np.array_equal(stat.quantiles([0.98]).numpy()[:, 0], exact(x, 0.98).astype(np.float32))
+
+
 def test_ties_at_the_minimum_and_at_the_top() -> None:
     """A silent ReLU unit answers its minimum, exactly; a binary one its top value."""
     x = np.zeros((400, 2, 25), np.float32)
@@ -152,12 +193,14 @@ def test_merged_shards_agree_with_one_pass() -> None:
         merged.merge(TopQuantile(share=0.02, total=600 * 16, **SMALL))
 
 
-def test_state_round_trip_continues_identically() -> None:
+@pytest.mark.parametrize("warmup", [None, 200 * 16])
+def test_state_round_trip_continues_identically(warmup) -> None:
+    """Also while the warmup holds values (they are part of the state)."""
     x = maps(4, 300, 3, "relu")
-    a = TopQuantile(share=0.02, total=300 * 16, **SMALL)
+    a = TopQuantile(share=0.02, total=300 * 16, warmup=warmup, **SMALL)
     feed(a, x[:150], [50, 100])
     b = from_state_dict(a.state_dict())
-    assert isinstance(b, TopQuantile)
+    assert isinstance(b, TopQuantile) and b.holding == (warmup is not None)
     for stat in (a, b):
         feed(stat, x[150:], [200])
     np.testing.assert_array_equal(a.quantiles([0.98, 0.99]), b.quantiles([0.98, 0.99]))
@@ -190,6 +233,8 @@ def test_bad_input_is_named() -> None:
         TopQuantile(share=0.7)
     with pytest.raises(ValueError, match="total must be"):
         TopQuantile(total=0)
+    with pytest.raises(ValueError, match="warmup must be"):
+        TopQuantile(warmup=-1)
     stat = TopQuantile(share=0.01)
     with pytest.raises(ValueError, match="seen no data"):
         stat.quantiles([0.995])
