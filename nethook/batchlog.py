@@ -1,10 +1,11 @@
-"""Ragged per-batch records on disk: one ``.npz`` file per batch, each complete or absent.
+"""Ragged per-batch records on disk: one file per batch, each complete or absent.
 
 The :class:`~nethook.store.ActivationStore` holds dense, fixed-shape activations in
 Zarr. Some passes keep something smaller whose size varies from batch to batch (the
 few activations above a running floor, the indices of hot cells), which a fixed-shape
 array cannot hold. A :class:`BatchLog` is the resumable home for those: batch ``b``
-is the file ``b.npz`` (plain numpy arrays, no pickle), written atomically; a log is
+is the file ``b.safetensors`` (plain arrays behind a JSON header: no pickle, no
+zip or checksum to compute, read back in one go), written atomically; a log is
 tied to a content key, so a rerun with other inputs never reads a stale log; and
 the batches a rerun must still write start at the first one missing.
 """
@@ -18,10 +19,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from nethook.atomic import atomic_path, write_text
 
 _META = "log.json"
+_SUFFIX = ".safetensors"
 
 
 class BatchLog:
@@ -46,26 +49,26 @@ class BatchLog:
                 shutil.rmtree(self.path)
         if not (self.path / _META).is_file():
             self.path.mkdir(parents=True, exist_ok=True)
-            for stale in self.path.glob("*.npz"):
+            for stale in self.path.glob(f"*{_SUFFIX}"):
                 stale.unlink()
             write_text(self.path / _META, json.dumps({"key": self.key}))
 
     def _file(self, number: int) -> Path:
         if number < 0:
             raise ValueError(f"batch numbers start at 0, got {number}")
-        return self.path / f"{number:08d}.npz"
+        return self.path / f"{number:08d}{_SUFFIX}"
 
     def write(self, number: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Store batch ``number``'s arrays (replacing a record of the same number)."""
-        arrays = {name: np.asarray(a) for name, a in arrays.items()}
+        arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
         for name, a in arrays.items():
             if a.dtype.hasobject:
                 raise ValueError(
                     f"batch log {self.path}: array {name!r} holds Python objects; "
                     "records are plain numeric arrays"
                 )
-        with atomic_path(self._file(number), suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
+        with atomic_path(self._file(number), suffix=_SUFFIX) as tmp:
+            save_file(arrays, str(tmp))
 
     def has(self, number: int) -> bool:
         """Whether batch ``number`` has been written."""
@@ -87,8 +90,7 @@ class BatchLog:
         path = self._file(number)
         if not path.is_file():
             raise FileNotFoundError(f"batch log {self.path} has no batch {number}")
-        with np.load(path, allow_pickle=False) as f:
-            return {name: f[name] for name in f.files}
+        return load_file(str(path))
 
     def batches(self, first: int = 0, stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Batches ``first .. stop - 1`` (default: up to the first missing one), in order."""

@@ -220,7 +220,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, dissected, monke
     if mode == "recompute":  # each process checkpoints its part (from the log: none)
         assert (tmp_path / "checkpoints" / "pass2.0of2.npz").exists()
     else:
-        assert any((tmp_path / "checkpoints" / "pass1.log").glob("*.npz"))
+        assert any((tmp_path / "checkpoints" / "pass1.log").glob("*.safetensors"))
     monkeypatch.setattr(iou_module.IoU, "update_flat", real_update)
     resumed = dissect(planted_model(), ["1", "2"], Planted(), **kwargs)
     for layer in ("1", "2"):
@@ -274,6 +274,8 @@ def test_store_and_recompute_paths_agree(rotate) -> None:
 
 def test_pass1_keeps_a_small_share_of_the_activations(tmp_path: Path, monkeypatch) -> None:
     """The log holds the cells above the floor (and neighbours): far fewer than all."""
+    from safetensors.numpy import load_file
+
     from nethook.batchlog import BatchLog
 
     removed = []
@@ -285,8 +287,9 @@ def test_pass1_keeps_a_small_share_of_the_activations(tmp_path: Path, monkeypatc
     images = torch.stack([Planted()[i]["image"] for i in range(N)])
     with torch.no_grad():
         total = model[:2](images).numel() + model(images).numel()
-    kept = sum(len(np.load(f)[f"value{i}"]) for f in sorted(log.glob("*.npz")) for i in (0, 1))
-    assert len(list(log.glob("*.npz"))) == -(-N // 16)
+    files = sorted(log.glob("*.safetensors"))
+    kept = sum(len(load_file(str(f))[f"value{i}"]) for f in files for i in (0, 1))
+    assert len(files) == -(-N // 16)
     assert 0 < kept < 0.35 * total
     assert removed == [log]
 
