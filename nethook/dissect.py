@@ -805,13 +805,13 @@ def dissect(
     (``out/checkpoints/pass1.log``, or a temporary directory without ``out``), every
     activation above its unit's running floor (a few percent of them; the floor stays
     below the final threshold) with its neighbourhood, the concept labels and the
-    thumbnails; pass 2 rebuilds the masks from them, with no second rendering or
+    thumbnails of the images that may be top images; pass 2 rebuilds the masks from them, with no second rendering or
     forward pass and the same results as ``pass2="recompute"``, which runs the source
     and model again. The log is removed once the dissection succeeds.
 
     The thresholds come from a :class:`~nethook.stats.TopQuantile` sketch of every
     position of every image; it keeps only the values that can still be in the top
-    ``1.25 * quantile`` (a few percent of them), so its rank error is a small
+    ``1.1 * quantile`` (a few percent of them), so its rank error is a small
     fraction of that top share.
 
     On CPU both passes are split over ``parallel`` processes (default: one per core,
@@ -902,7 +902,7 @@ def dissect(
         sketch = TopQuantile(
             share=quantile,
             total=positions,
-            margin=1.25,
+            margin=1.1,
             seed=seed,
             warmup=(_HotRecorder.lag + 1) * per_batch,  # the first floor from 4 batches
         )
@@ -1063,7 +1063,7 @@ def dissect(
 
 PASS2_MODES = ("store", "recompute")
 _MAX_PROCESSES = 8
-_LAYOUT = 3  # of checkpoints and records: 3 = TopQuantile sketches, a batch log, galleries
+_LAYOUT = 4  # of checkpoints and records: 4 = split passes, warmed-up sketches, safetensors log
 
 
 def _discard_other_run(ckpt_dir: Path | None, pattern: str, key: str) -> None:
