@@ -386,9 +386,11 @@ class _HotRecorder:
             grow = not is_identity(size, label_size, self.record.input_size, self.geometries[layer])
             hot, index = _hot_cells(acts, above, floor, grow)
             arrays[f"floor{i}"] = floor
-            arrays[f"hot{i}"] = hot
-            arrays[f"index{i}"] = index
+            arrays[f"index{i}"] = index.astype(np.int32 if acts.size < 2**31 else np.int64)
             arrays[f"value{i}"] = acts.reshape(-1)[index]
+            if grow:  # which kept cells are above the floor (without grow: all of them)
+                arrays[f"hot{i}"] = np.zeros(index.size, bool)
+                arrays[f"hot{i}"][np.searchsorted(index, hot)] = True
         self.log.write(number, arrays)
 
 
@@ -465,7 +467,12 @@ def _replay(
                 for name in ("labels", "image_labels", "thumb")
                 if name in record
             }
-            data["cells"] = {layer: record[f"hot{i}"] for i, layer in enumerate(layers)}
+            data["cells"] = {
+                layer: record[f"index{i}"][record[f"hot{i}"]]
+                if f"hot{i}" in record
+                else record[f"index{i}"]
+                for i, layer in enumerate(layers)
+            }
             positions = torch.arange(offset, offset + n)
             yield Batch(acts, data, positions, offset, number)
 

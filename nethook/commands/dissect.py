@@ -61,6 +61,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topk", type=int, default=5, help="gallery images per unit")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument(
+        "--parallel",
+        type=int,
+        help="processes that share each pass on CPU (default: one per core, at most 8)",
+    )
+    parser.add_argument(
         "--pass2",
         choices=["store", "recompute"],
         default="store",
@@ -132,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         num_workers=args.workers,
+        parallel=args.parallel,
         pass2=args.pass2,
         progress=not args.quiet,
     )
