@@ -624,9 +624,11 @@ def run(
     Batches come in source order (a ``DataLoader`` without shuffling; ``num_workers``
     processes load them). The model runs under ``torch.no_grad()`` and
     ``TraceDict(model, layers, stop=True)``, so the forward pass ends after the last
-    needed layer (default: every layer a consumer names). ``clone`` copies the traced
-    outputs (default: when several layers are traced, so in-place ops downstream of
-    one cannot change it). With ``checkpoint`` (a path), stateful consumers are saved
+    needed layer (default: every layer a consumer names). ``clone=True`` copies the
+    traced outputs at once, so in-place ops downstream of a layer cannot change them;
+    by default they are kept as they are and checked after the forward pass
+    (:meth:`nethook.trace.Trace.changed`): a batch in which an in-place op changed
+    one runs again with copies, and so does the rest of the run. With ``checkpoint`` (a path), stateful consumers are saved
     every ``checkpoint_every`` batches and a rerun resumes from the last save;
     ``checkpoint_key`` (e.g. a content key of model and source) must match to resume.
     ``offload=True`` runs the consumers in a worker process (CPU only; for consumers
@@ -638,8 +640,6 @@ def run(
     (see :func:`nethook.offload.in_parallel`); a shard checkpoints on its own.
     Returns the consumers, by name.
     """
-    from nethook.trace import TraceDict
-
     consumers = _as_dict(consumers)
     layers = _needed_layers(consumers, layers)
     if not layers:
@@ -652,7 +652,7 @@ def run(
         )
     device = torch.device(device) if device is not None else model_device(model)
     inputs = inputs or default_inputs(source, device)
-    clone = len(layers) > 1 if clone is None else clone
+    copies = {"clone": bool(clone), "check": clone is None}
     collate_fn = collate_fn or getattr(source, "collate", None)
     positions = np.arange(start, start + total)
     retain_input = any(getattr(c, "of", "output") == "input" for c in consumers.values())
@@ -672,10 +672,10 @@ def run(
             for number, data in zip(numbers, loader, strict=True):
                 offset = number * batch_size
                 x = inputs(data)
-                with TraceDict(
-                    model, layers, stop=True, clone=clone, detach=True, retain_input=retain_input
-                ) as traces:
-                    model(x)
+                traces = _trace_batch(model, x, layers, copies["clone"], retain_input)
+                if copies["check"] and any(traces[n].changed() for n in layers):
+                    copies.update(clone=True, check=False)  # an in-place op: copy from now on
+                    traces = _trace_batch(model, x, layers, True, retain_input)
                 acts = {name: traces[name].output for name in layers}
                 layer_inputs = {n: traces[n].input for n in layers} if retain_input else {}
                 n = next(iter(acts.values())).shape[0]
@@ -696,6 +696,19 @@ def run(
         offload=offload,
         shard=shard,
     )
+
+
+def _trace_batch(
+    model: torch.nn.Module, x: Any, layers: Sequence[str], clone: bool, retain_input: bool
+) -> Any:
+    """One forward pass of ``x`` under ``TraceDict``, stopped after the last of ``layers``."""
+    from nethook.trace import TraceDict
+
+    with TraceDict(
+        model, layers, stop=True, clone=clone, detach=True, retain_input=retain_input
+    ) as traces:
+        model(x)
+    return traces
 
 
 def shard_batches(first: int, batches: int, shard: tuple[int, int] | None) -> list[int]:

@@ -222,6 +222,8 @@ class Trace(contextlib.AbstractContextManager):
     ``fn(output)``; returning None keeps the output, as after an in-place edit),
     ``stop`` (end the forward pass after this layer). ``edit_calls`` (int or ints)
     restricts the edit to those calls of the layer in each pass (0 = first call).
+    Without ``clone``, :meth:`changed` tells whether an in-place op changed what was
+    kept after it was kept (the tensors' version counters).
 
     The hooks are attached at construction and removed by :meth:`close`, which the
     ``with`` block calls on every exit.
@@ -270,6 +272,7 @@ class Trace(contextlib.AbstractContextManager):
     def clear(self) -> None:
         """Forget everything retained so far (done at the start of each forward pass)."""
         self.calls = 0
+        self._kept_versions: list[tuple[torch.Tensor, int]] = []
         self.outputs: list[Any] = []
         self.inputs: list[Any] = []
         self.inputs_kwargs: list[dict[str, Any]] = []
@@ -300,10 +303,27 @@ class Trace(contextlib.AbstractContextManager):
 
         return map_tensors(copy, x)
 
+    def _watch(self, kept: Any) -> Any:
+        """Note the version of each tensor kept without a copy (see :meth:`changed`)."""
+        if not self.clone:
+
+            def note(t: torch.Tensor) -> torch.Tensor:
+                if not t.is_inference():  # inference tensors have no version counter
+                    self._kept_versions.append((t, t._version))
+                return t
+
+            map_tensors(note, kept)
+        return kept
+
+    def changed(self) -> bool:
+        """Whether an in-place op has changed a tensor this trace kept (without ``clone``)
+        since it was kept: then ``output``/``input`` no longer hold what the layer saw."""
+        return any(t._version != version for t, version in self._kept_versions)
+
     def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook: keep the input before the module runs (and can change it in place)."""
-        kept = self._copy(_primary_input(args, kwargs), grad=False)
-        kept_kwargs = self._copy(kwargs, grad=False) if kwargs else {}
+        kept = self._watch(self._copy(_primary_input(args, kwargs), grad=False))
+        kept_kwargs = self._watch(self._copy(kwargs, grad=False)) if kwargs else {}
         self.input = kept
         self.inputs.append(kept)
         self.input_kwargs = kept_kwargs
@@ -326,7 +346,7 @@ class Trace(contextlib.AbstractContextManager):
                 output = edited
                 replaced = True
         if self.retain_output:
-            kept = self._copy(output, grad=self.retain_grad)
+            kept = self._watch(self._copy(output, grad=self.retain_grad))
             self.output = kept
             self.outputs.append(kept)
             if self.retain_grad and torch.is_grad_enabled():

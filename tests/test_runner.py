@@ -528,3 +528,20 @@ def test_sample_data_is_checksummed_and_part_of_the_identity(tmp_path):
             batch_size=5,
             progress=False,
         )
+
+
+def test_outputs_an_in_place_op_changes_are_copied():
+    """Traced outputs are kept without copies unless an in-place op downstream changes
+    them: then the batch runs again with copies (and so does the rest of the run)."""
+    conv = nn.Conv2d(3, 2, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]).view(2, 3, 1, 1))
+        conv.bias.zero_()
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Conv2d(2, 2, 1)).eval()
+    seen = []
+    consumer = FunctionConsumer(lambda batch: seen.append(batch.acts["0"].clone()), ["0", "2"])
+    run(model, Ramp(6), consumer, batch_size=3, progress=False)
+    images = torch.stack([Ramp(6)[i]["image"] for i in range(6)])
+    with torch.no_grad():
+        np.testing.assert_array_equal(torch.cat(seen).numpy(), conv(images).numpy())
+    assert (torch.cat(seen) < 0).any()  # unit 1 is negative: the in-place ReLU was undone

@@ -477,3 +477,15 @@ def test_closed_tracedict_frees_retained_tensors_without_the_cycle_collector():
     finally:
         if enabled:
             gc.enable()
+
+
+def test_changed_tells_when_an_in_place_op_changed_a_kept_output():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True)).eval()
+    x = torch.randn(4, 3)
+    with Trace(model, "0") as kept, Trace(model, "0", clone=True) as copied, torch.no_grad():
+        model(x)
+    assert kept.changed() and not copied.changed()
+    assert (copied.output < 0).any() and not (kept.output < 0).any()
+    with Trace(model, "1") as last, torch.no_grad():
+        model(x)
+    assert not last.changed()
