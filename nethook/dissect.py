@@ -54,7 +54,7 @@ from torch import nn
 from nethook.atomic import write_text
 from nethook.batchlog import BatchLog
 from nethook.models import model_device
-from nethook.offload import in_parallel
+from nethook.offload import cpu_cores, in_parallel
 from nethook.rotation import Rotate
 from nethook.stats.base import as_numpy, from_state_dict
 from nethook.stats.iou import IoU
@@ -504,10 +504,7 @@ def _processes(parallel: int | None, on_cpu: bool, num_workers: int, batches: in
             raise ValueError("parallel processes split CPU runs; on an accelerator use 1 (or None)")
         return 1
     if parallel is None:
-        cores = os.process_cpu_count() if hasattr(os, "process_cpu_count") else None
-        if cores is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        parallel = 1 if num_workers else min(cores, _MAX_PROCESSES)
+        parallel = 1 if num_workers else min(cpu_cores(), _MAX_PROCESSES)
     elif parallel > 1 and num_workers:
         raise ValueError(
             f"parallel={parallel} with num_workers={num_workers}: each process of a split "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pickle
 import queue
 import traceback
@@ -179,12 +180,12 @@ class Forked:
     :meth:`result`, with the child's traceback as a note.
     """
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], threads: int = 1) -> None:
         ctx = mp.get_context("fork")
         self._receive, send = ctx.Pipe(duplex=False)
 
         def child() -> None:
-            torch.set_num_threads(1)
+            torch.set_num_threads(threads)
             try:
                 send.send(("ok", fn()))
             except BaseException as exc:
@@ -227,18 +228,19 @@ def in_parallel(fn: Callable[[int], Any], parts: int) -> list[Any]:
     """``[fn(0), fn(1), ..., fn(parts - 1)]``, each part but the first in a forked process.
 
     For CPU work that splits into independent parts (a run's batches taken in turns,
-    each part writing its own files and returning its consumers' states): every
-    process runs one torch thread, so ``parts`` processes fill ``parts`` cores
-    without the threads of one contending with another. This process runs part 0;
-    if it fails, the others are stopped. Results come back pickled.
+    each part writing its own files and returning its consumers' states): the
+    processes share the cores' torch threads (one each on as many cores as parts),
+    so no process's threads contend with another's. This process runs part 0; if
+    it fails, the others are stopped. Results come back pickled.
     """
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
     if parts == 1:
         return [fn(0)]
     threads = torch.get_num_threads()
-    others = [Forked(functools.partial(fn, part)) for part in range(1, parts)]
-    torch.set_num_threads(1)
+    each = max(1, cpu_cores() // parts)
+    others = [Forked(functools.partial(fn, part), each) for part in range(1, parts)]
+    torch.set_num_threads(each)
     try:
         mine = fn(0)
         return [mine, *(other.result() for other in others)]
@@ -248,6 +250,15 @@ def in_parallel(fn: Callable[[int], Any], parts: int) -> list[Any]:
         raise
     finally:
         torch.set_num_threads(threads)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "process_cpu_count"):  # Python 3.13
+        return os.process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _serve(consumers: dict[str, Any], starts: dict[str, int], inbox, outbox, free) -> None:
