@@ -17,6 +17,12 @@ they run in the caller.
 For CPU tensors and consumers whose results live in their ``state_dict`` or in
 files they write: anything else a consumer changes (a list in the caller, say)
 changes only in the worker.
+
+Where the work itself splits (each process rendering, running the model and feeding
+its own consumers for every n-th batch), :func:`in_parallel` runs the parts in
+forked processes (:class:`Forked`) and returns their results, such as consumer
+states to merge; nothing large crosses between the processes. Dissection uses that
+on CPU.
 """
 
 from __future__ import annotations
