@@ -31,6 +31,15 @@ def test_bad_option_value_names_it(tmp_path, capsys, monkeypatch) -> None:
     assert "quantile must be a top share in (0, 0.5), got 0.7" in capsys.readouterr().err
 
 
+def test_parallel_option_reaches_dissect(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("NETHOOK_TRACEBACK", raising=False)
+    argv = [*dissect_argv(tmp_path), "--layers", "block4", "--no-report", "--batch-size", "2"]
+    assert main([*argv, "--parallel", "0"]) == 2
+    assert "parallel must be a count of processes >= 1" in capsys.readouterr().err
+    assert main([*argv, "--parallel", "2"]) == 0
+    assert (tmp_path / "checkpoints" / "pass1.0of2.npz").is_file()
+
+
 def test_traceback_on_request(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("NETHOOK_TRACEBACK", "1")
     from nethook.layers import LayerNotFoundError
