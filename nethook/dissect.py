@@ -918,23 +918,27 @@ def dissect(
             scratch = Path(tempfile.mkdtemp(prefix="nethook-dissect-"))
         log = BatchLog((ckpt_dir or scratch) / "pass1.log", key)
 
+    def run_model(consumers: dict[str, Any], name: str, run_key: str, desc: str, part: int):
+        """The model over part ``part``'s batches into ``consumers``, checkpointed as ``name``."""
+        run(
+            model,
+            source,
+            consumers,
+            checkpoint=ckpt_dir / _part_name(name, part, parts) if ckpt_dir else None,
+            checkpoint_key=run_key,
+            desc=_part_desc(desc, parts),
+            progress=progress and part == 0,
+            shard=(part, parts) if parts > 1 else None,
+            **common,
+        )
+
     def pass1_part(part: int) -> dict[str, Any]:
         """Pass 1 over this part's batches; the layers' states."""
         consumers = dict(pass1)
         if log is not None:
             record = _Recorder(concepts, input_size, thumb)
             consumers["record"] = _HotRecorder(log, pass1, geometries, record, (part, parts))
-        run(
-            model,
-            source,
-            consumers,
-            checkpoint=ckpt_dir / _part_name("pass1", part, parts) if ckpt_dir else None,
-            checkpoint_key=key,
-            desc=_part_desc("dissect 1/2: thresholds", parts),
-            progress=progress and part == 0,
-            shard=(part, parts) if parts > 1 else None,
-            **common,
-        )
+        run_model(consumers, "pass1", key, "dissect 1/2: thresholds", part)
         return {layer: pass1[layer].state_dict() for layer in layers}
 
     try:
@@ -958,34 +962,22 @@ def dissect(
                 indices, prepared, thresholds, geometries, thumb, input_size
             )
         checkpoint2 = ckpt_dir / "pass2.npz" if ckpt_dir else None
-        desc2 = _part_desc("dissect 2/2: IoU", parts)
+        desc2 = "dissect 2/2: IoU"
 
         def pass2_part(part: int) -> None:
             """Pass 2 over this part's batches (on CPU, split over the processes)."""
-            shown = progress and part == 0
             if log is not None:
-                batches = _replay(log, layers, shapes, n, batch_size, "cpu", part, parts)
                 run_batches(
-                    batches,
+                    _replay(log, layers, shapes, n, batch_size, "cpu", part, parts),
                     consumers2,
                     total=n,
                     batch_size=batch_size,
-                    progress=shown,
-                    desc=desc2,
+                    progress=progress and part == 0,
+                    desc=_part_desc(desc2, parts),
                     shard=(part, parts),
                 )
             else:  # as long as pass 1: each process checkpoints its part
-                run(
-                    model,
-                    source,
-                    consumers2,
-                    checkpoint=ckpt_dir / _part_name("pass2", part, parts) if ckpt_dir else None,
-                    checkpoint_key=key2,
-                    desc=desc2,
-                    progress=shown,
-                    shard=(part, parts),
-                    **common,
-                )
+                run_model(consumers2, "pass2", key2, desc2, part)
 
         if parts > 1:
             _merge_parts(pass2_part, consumers2, parts)
@@ -1005,19 +997,10 @@ def dissect(
                 checkpoint_every=checkpoint_every,
                 checkpoint_key=key2,
                 progress=progress,
-                desc="dissect 2/2: IoU",
+                desc=desc2,
             )
         else:
-            run(
-                model,
-                source,
-                consumers2,
-                checkpoint=checkpoint2,
-                checkpoint_key=key2,
-                desc="dissect 2/2: IoU",
-                progress=progress,
-                **common,
-            )
+            run_model(consumers2, "pass2", key2, desc2, 0)
     except BaseException:
         if scratch is not None:
             _rmtree(scratch)
