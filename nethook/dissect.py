@@ -441,13 +441,10 @@ def _replay(
     reach a threshold, so the only ones pass 2 compares). With ``parts``, only the
     batches whose number is ``part`` modulo ``parts``.
     """
-    from nethook.runner import Batch
+    from nethook.runner import Batch, shard_batches
 
     def make_batches(first: int):
-        offset = first * batch_size
-        for number in range(first, -(-samples // batch_size)):
-            if number % parts != part:
-                continue
+        for number in shard_batches(first, -(-samples // batch_size), (part, parts)):
             offset = number * batch_size
             record = log.read(number)
             n = len(record["labels"])
@@ -480,15 +477,16 @@ def _replay(
 
 
 def _merge_parts(run_part: Callable[[int], None], consumers: Mapping[str, Any], parts: int) -> None:
-    """Pass 2 on CPU over ``parts`` processes: ``run_part(part)`` feeds ``consumers``
-    every ``parts``-th batch (from the log, or the model); the other processes'
-    states are then merged into this one's consumers (IoU tallies add, galleries
-    fill their slots). The caller saves the finished state.
+    """A pass split over ``parts`` processes: ``run_part(part)`` feeds ``consumers``
+    every ``parts``-th batch (from the model, or the log); the other processes'
+    states are then merged into this one's consumers (sketches and top images
+    merge, IoU tallies add, galleries fill their slots). The caller saves the
+    finished state.
     """
 
-    def part_states(part: int) -> dict[str, Any]:
-        run_part(part)
-        return {name: c.state_dict() for name, c in consumers.items()}
+    def part_states(part: int) -> dict[str, Any] | None:
+        run_part(part)  # the other processes send their states here
+        return {name: c.state_dict() for name, c in consumers.items()} if part else None
 
     for states in in_parallel(part_states, parts)[1:]:
         for name, state in states.items():
@@ -932,19 +930,16 @@ def dissect(
             **common,
         )
 
-    def pass1_part(part: int) -> dict[str, Any]:
-        """Pass 1 over this part's batches; the layers' states."""
+    def pass1_part(part: int) -> None:
+        """Pass 1 over this part's batches."""
         consumers = dict(pass1)
         if log is not None:
             record = _Recorder(concepts, input_size, thumb)
             consumers["record"] = _HotRecorder(log, pass1, geometries, record, (part, parts))
         run_model(consumers, "pass1", key, "dissect 1/2: thresholds", part)
-        return {layer: pass1[layer].state_dict() for layer in layers}
 
     try:
-        for state in in_parallel(pass1_part, parts)[1:]:
-            for layer in layers:
-                pass1[layer].merge_state(state[layer])
+        _merge_parts(pass1_part, pass1, parts)
         thresholds = {layer: _threshold(pass1[layer].sketch, quantile) for layer in layers}
 
         # Pass 2: IoU of every unit's thresholded, upsampled map with every concept.

@@ -628,7 +628,8 @@ def run(
     traced outputs at once, so in-place ops downstream of a layer cannot change them;
     by default they are kept as they are and checked after the forward pass
     (:meth:`nethook.trace.Trace.changed`): a batch in which an in-place op changed
-    one runs again with copies, and so does the rest of the run. With ``checkpoint`` (a path), stateful consumers are saved
+    one runs again with copies, and so does the rest of the run. With
+    ``checkpoint`` (a path), stateful consumers are saved
     every ``checkpoint_every`` batches and a rerun resumes from the last save;
     ``checkpoint_key`` (e.g. a content key of model and source) must match to resume.
     ``offload=True`` runs the consumers in a worker process (CPU only; for consumers
