@@ -207,15 +207,17 @@ def test_state_round_trip_continues_identically(warmup) -> None:
     np.testing.assert_array_equal(a.floor, b.floor)
 
 
-def test_torch_kernels_equal_numpy(monkeypatch) -> None:
+@pytest.mark.parametrize("warmup", [None, 100 * 16])
+def test_torch_kernels_equal_numpy(monkeypatch, warmup) -> None:
     """The accelerator path (torch tensors), run on CPU, gives the same answers."""
     x = maps(5, 200, 4, "normal")
-    fast = TopQuantile(share=0.02, total=200 * 16, **SMALL)
+    fast = TopQuantile(share=0.02, total=200 * 16, warmup=warmup, **SMALL)
     feed(fast, x, [70, 140])
     monkeypatch.setattr(quantile_module, "NUMPY_ON_CPU", False)
-    slow = TopQuantile(share=0.02, total=200 * 16, **SMALL)
+    slow = TopQuantile(share=0.02, total=200 * 16, warmup=warmup, **SMALL)
     feed(slow, x, [70, 140])
     assert not isinstance(slow._floor, np.ndarray)
+    np.testing.assert_array_equal(fast.floor, slow.floor)
     np.testing.assert_array_equal(fast.quantiles([0.98]), slow.quantiles([0.98]))
 
 
