@@ -20,10 +20,11 @@ machine are noisy: compare the ratios measured in one run; with ``--repeat R`` e
 measurement is taken R times, alternating forward and dissect, and the fastest of
 each is kept (the run least disturbed by other processes).
 
-The CPU time counts every thread and the worker process that runs pass 1's
-statistics (``offload``). Peak memory is printed for the main process and for its
-child processes (the worker; a fork made by an import may set it too, which is why
-``children`` shows about 440 MiB even for the forward pass). "other processes" is
+The CPU time counts every thread and the forked processes that take a share of each
+of dissection's passes (``parallel``, one per core). Peak memory is printed for the
+main process and for its child processes (the largest of them: the forked parts; a
+fork made by an import may set it too, which is why ``children`` shows about 430 MiB
+even for the forward pass). "other processes" is
 the CPU time the rest of the machine used during the run (``/proc/stat``): a run with
 much of it was disturbed.
 
@@ -101,7 +102,7 @@ def _machine_busy() -> float:
 
 
 def _children_cpu() -> float:
-    """CPU seconds of this process's finished child processes (the offload worker)."""
+    """CPU seconds of this process's finished child processes (dissection's forked parts)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -200,7 +201,7 @@ def main() -> None:
         ratio = rows["dissect", n]["seconds"] / rows["forward", n]["seconds"]
         cpu = rows["dissect", n]["cpu"] / rows["forward", n]["cpu"]
         print(f"dissect / forward at {n} images: {ratio:.2f}x wall, {cpu:.2f}x cpu (goal <= 1.5x)")
-    for key, what in (("peak_mib", "main process"), ("children_mib", "worker process")):
+    for key, what in (("peak_mib", "main process"), ("children_mib", "forked processes")):
         growth = rows["dissect", args.images][key] / rows["dissect", args.small][key]
         print(f"dissect peak memory ({what}), {args.images} vs {args.small} images: {growth:.2f}x")
 
