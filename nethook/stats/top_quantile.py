@@ -183,7 +183,7 @@ class TopQuantile(Stat):
             self._held.append(_rows(a))
             self.above = None
             if self.count >= self.warmup:
-                self._place_held()
+                self.settle()
             return
         if self._raised_at == 0 and values > 2 * self._keep():
             self._raised_at = self.count
@@ -203,10 +203,6 @@ class TopQuantile(Stat):
     def settle(self) -> None:
         """Place the values the warmup holds now: set the first floor from them and send
         those above it to the stack (readouts and merges do this themselves)."""
-        self._place_held()
-
-    def _place_held(self) -> None:
-        """Set the first floor from the values held by the warmup, then place them."""
         if not self._held:
             return
         rows = _cat(self._held)
@@ -312,8 +308,8 @@ class TopQuantile(Stat):
         Values either holds back (``warmup``) are placed first.
         """
         self._check_merge(other, "channels", "share", "total", "margin", "k", "k_min")
-        self._place_held()
-        other._place_held()
+        self.settle()
+        other.settle()
         if other.channels is None or other.count == 0:
             return
         if self.channels is None or self.count == 0:
@@ -344,7 +340,7 @@ class TopQuantile(Stat):
         if self.channels is None:
             raise ValueError("TopQuantile has seen no data yet")
         if place:
-            self._place_held()
+            self.settle()
 
     def _check_qs(self, qs) -> np.ndarray:
         q = _as_qs(qs)
